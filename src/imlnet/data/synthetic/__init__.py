@@ -1,0 +1,1 @@
+"""imlnet.data.synthetic."""
