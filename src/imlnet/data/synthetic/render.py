@@ -179,9 +179,8 @@ def shaded_top(scene: Scene, season: str, sun: torch.Tensor) -> torch.Tensor:
     lit = 1.0 - 0.62 * shadow_map(scene, sun)
     # Tree crowns are rounded: light them by their height-field normal.
     gy, gx = torch.gradient(scene.height, spacing=scene.resolution_m)
-    normal = torch.stack([-gx, gy, torch.ones_like(gx)])  # rows grow southwards: flip d/dy
-    normal = normal / torch.linalg.vector_norm(normal, dim=0, keepdim=True)
-    cos = (normal * sun[:, None, None]).sum(0).clamp_min(0)
+    # cos(normal, sun) with normal = (-dh/dx, dh/dy, 1) / norm (rows grow southwards: flip d/dy).
+    cos = ((-gx * sun[0] + gy * sun[1] + sun[2]) * torch.rsqrt(gx * gx + gy * gy + 1)).clamp_min(0)
     flat_cos = float(sun[2])
     diffuse = torch.where(scene.kind == TREE, cos, torch.full_like(cos, flat_cos))
     light = 0.38 + 0.72 * diffuse * lit
