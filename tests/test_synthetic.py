@@ -270,3 +270,43 @@ def test_season_and_weather_options(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert cli_main(["synth", str(tmp_path / "c"), "--clean", "--views", "3", "--quiet"]) == 0
     assert seen["cfg"].seasons == {"summer": 1.0} and seen["cfg"].weather == {"clear": 1.0}
     assert seen["cfg"].views == 3
+
+
+def test_world_mode_is_georeferenced(tmp_path: Path) -> None:
+    import csv
+
+    import rasterio
+    from pyproj import Transformer
+
+    from imlnet.data.synthetic.world import WorldConfig, generate_world
+
+    cfg = WorldConfig(extent_m=600.0, gsd_m=1.0, views=3, size=64, seed=1)
+    root = generate_world(cfg, tmp_path / "world", progress=False)
+    meta = json.loads((root / "metadata.json").read_text())
+    with rasterio.open(root / "world.tif") as src:
+        assert src.crs.to_epsg() == int(meta["crs"].split(":")[1])
+        assert (src.width, src.height, src.count) == (600, 600, 3)
+        assert src.res == (1.0, 1.0)
+        to_wgs = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
+        with open(root / "truth.csv") as f:
+            truth = list(csv.DictReader(f))
+        assert [t["image"] for t in truth] == [v["file"] for v in meta["views"]]
+        for t, view in zip(truth, meta["views"], strict=True):
+            assert (root / t["image"]).is_file()
+            # The aim point's orthophoto pixel maps back to the recorded lat/lon (< 1 m).
+            row, col = src.index(*view["aim_utm"])
+            x, y = src.xy(row, col)
+            lon, lat = to_wgs.transform(x, y)
+            north = (lat - float(t["lat"])) * 111_320
+            east = (lon - float(t["lon"])) * 111_320 * math.cos(math.radians(lat))
+            assert math.hypot(north, east) < 1.0
+            # The camera stands back from the aim point along its heading, at its altitude.
+            de = view["aim_utm"][0] - view["camera_utm"][0]
+            dn = view["aim_utm"][1] - view["camera_utm"][1]
+            assert math.degrees(math.atan2(de, dn)) % 360 == pytest.approx(
+                view["yaw_deg"], abs=0.01
+            )
+            assert view["altitude_m"] / math.hypot(de, dn) == pytest.approx(
+                math.tan(math.radians(view["pitch_deg"])), rel=1e-3
+            )
+    assert oct(root.stat().st_mode & 0o777) != oct(0o700)

@@ -20,12 +20,13 @@ Determinism: the same options and seed give byte-identical files (no timestamps 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -218,10 +219,7 @@ def render_location(
     view_gen = _location_generator(cfg.seed, index, 1)
     views = []
     for i, cam in enumerate(orbit(cfg, scene, view_gen)):
-        season = _draw(cfg.seasons, view_gen)
-        weather = _draw(cfg.weather, view_gen)
-        if weather == "snow" and season != "winter":
-            weather = "rain" if cfg.weather.get("rain", 0) > 0 else "clear"
+        season, weather = draw_conditions(cfg.seasons, cfg.weather, view_gen)
         sun = R.sun_vector(sun_az, R.SUN_ELEVATION[season])
         img, depth = R.render_drone(
             scene, top(season), cam, cfg.size, sun, night=weather == "night", gen=view_gen
@@ -248,6 +246,47 @@ def render_location(
     return RenderedLocation(_jpeg(sat, cfg.jpeg_quality), views, meta)
 
 
+@contextlib.contextmanager
+def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder of ``out`` that replaces ``out`` when the block succeeds.
+
+    An interrupted run leaves no half dataset behind, and an existing ``out`` untouched (it is
+    refused unless ``overwrite``).
+    """
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ImlnetError(
+            f"{out} exists and is not empty; choose another folder or pass "
+            "--overwrite to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the dataset is an ordinary folder
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def draw_conditions(
+    seasons: dict[str, float], weather: dict[str, float], gen: torch.Generator
+) -> tuple[str, str]:
+    """A (season, weather) pair; falling snow outside winter becomes rain (or clear)."""
+    season, sky = _draw(seasons, gen), _draw(weather, gen)
+    if sky == "snow" and season != "winter":
+        sky = "rain" if weather.get("rain", 0) > 0 else "clear"
+    return season, sky
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -269,21 +308,13 @@ def generate(
     """
     cfg.validate()
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ImlnetError(
-            f"{out} exists and is not empty; choose another folder or pass "
-            "--overwrite to replace it"
-        )
     total = cfg.locations + cfg.n_distractors
     ids = _location_ids(cfg.seed, total)
     order = torch.randperm(cfg.locations, generator=_location_generator(cfg.seed, -1, 2)).tolist()
     split = {i: "train" for i in order[: cfg.n_train]}
     split.update({i: "test" for i in order[cfg.n_train :]})
     split.update({i: "distractor" for i in range(cfg.locations, total)})
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging_dir(out, overwrite) as tmp:
         locations = {}
         for index in tqdm(range(total), desc="imlnet synth", unit="location", disable=not progress):
             loc = render_location(cfg, index, device)
@@ -316,16 +347,6 @@ def generate(
             "locations": dict(sorted(locations.items())),
         }
         write_json(tmp / "metadata.json", meta)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -394,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="every view in clear summer weather (the single-domain setting)",
     )
     ap.add_argument("--no-jitter", action="store_true", help="exact orbit, no random offsets")
+    world = ap.add_argument_group("world mode (one georeferenced map + drone views over it)")
+    world.add_argument(
+        "--world",
+        action="store_true",
+        help="write a GeoTIFF orthophoto, drone views at known positions, truth.csv",
+    )
+    world.add_argument("--world-size-m", type=float, default=2000.0, help="side of the map")
+    world.add_argument("--gsd", type=float, default=0.5, help="metres per orthophoto pixel")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -402,6 +431,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    seasons, weather = args.seasons or dict(DEFAULT_SEASONS), args.weather or dict(DEFAULT_WEATHER)
+    if args.clean:
+        seasons, weather = {"summer": 1.0}, {"clear": 1.0}
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.world:
+        from imlnet.data.synthetic.world import WorldConfig, generate_world
+
+        wcfg = WorldConfig(
+            extent_m=args.world_size_m,
+            gsd_m=args.gsd,
+            views=args.views,
+            size=args.size,
+            seed=args.seed,
+            seasons=seasons,
+            weather=weather,
+        )
+        out = generate_world(
+            wcfg, args.out, device=device, overwrite=args.overwrite, progress=not args.quiet
+        )
+        print(
+            f"wrote {out}: world.tif ({args.world_size_m:.0f} m square at {args.gsd} m/px), "
+            f"{args.views} drone views in drone/, truth.csv, metadata.json"
+        )
+        return 0
     cfg = SynthConfig(
         locations=args.locations,
         views=args.views,
@@ -410,16 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_fraction=args.train_fraction,
         distractors=args.distractors,
         jitter=not args.no_jitter,
+        seasons=seasons,
+        weather=weather,
     )
-    if args.seasons:
-        cfg.seasons = args.seasons
-    if args.weather:
-        cfg.weather = args.weather
-    if args.clean:
-        cfg.seasons, cfg.weather = {"summer": 1.0}, {"clear": 1.0}
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     out = generate(cfg, args.out, device=device, overwrite=args.overwrite, progress=not args.quiet)
     n_img = (cfg.locations + cfg.n_distractors) * (cfg.views + 1)
     print(
