@@ -86,7 +86,7 @@ def generate_world(
     """Write the world to ``out`` (through a temporary folder renamed at the end)."""
     import rasterio
     from pyproj import Transformer
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     cfg.validate()
     out = Path(out)
@@ -111,7 +111,7 @@ def generate_world(
         return tops[season]
 
     half = cfg.extent_m / 2
-    transform = from_origin(e0 - half, n0 + half, cfg.gsd_m, cfg.gsd_m)
+    transform = Affine(cfg.gsd_m, 0.0, e0 - half, 0.0, -cfg.gsd_m, n0 + half)  # north-up
     with staging_dir(out, overwrite) as tmp:
         ortho = (top("summer").clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         with rasterio.open(
