@@ -86,7 +86,7 @@ def generate_world(
     """Write the world to ``out`` (through a temporary folder renamed at the end)."""
     import rasterio
     from pyproj import Transformer
-    from affine import Affine
+    from rasterio.transform import Affine
 
     cfg.validate()
     out = Path(out)
