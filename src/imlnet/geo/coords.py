@@ -1,0 +1,129 @@
+"""Coordinate helpers shared by tiling, indexing and localisation (all through pyproj).
+
+Every conversion goes through pyproj with ``always_xy=True``, so that coordinates are always
+``(x, y)`` = ``(easting, northing)`` or ``(lon, lat)``, whatever axis order the CRS declares.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pyproj import CRS, Geod, Transformer
+from pyproj.exceptions import CRSError
+
+from imlnet.errors import GeoError
+
+WGS84 = CRS.from_epsg(4326)
+#: The ellipsoid used for every distance the package reports (metres on WGS84).
+GEOD = Geod(ellps="WGS84")
+
+
+def as_crs(crs: Any) -> CRS:
+    """A pyproj CRS from anything pyproj accepts (rasterio CRS, EPSG code, WKT, ``"EPSG:n"``)."""
+    if isinstance(crs, CRS):
+        return crs
+    try:
+        return CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    except CRSError as err:
+        raise GeoError(f"cannot interpret CRS {str(crs)[:80]!r}: {err}") from err
+
+
+def crs_label(crs: CRS) -> str:
+    """A short, reversible text for ``crs``: ``"EPSG:32632"`` when it has a code, else WKT.
+
+    Why: the metadata table stores the CRS as text; an EPSG code is readable, and WKT keeps
+    custom projections (no code) exact.
+    """
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()
+
+
+def parse_crs(text: str, *, where: str = "") -> CRS:
+    """Parse a CRS written by :func:`crs_label` (EPSG code, WKT or PROJ string).
+
+    Raises:
+        GeoError: the text is not a CRS; ``where`` names the file it came from.
+    """
+    try:
+        return CRS.from_user_input(text)
+    except CRSError as err:
+        raise GeoError(f"{where or 'CRS'}: cannot parse CRS {text[:80]!r}: {err}") from err
+
+
+def metres_per_degree(lat: float, crs: CRS | None = None) -> tuple[float, float]:
+    """Ground metres per degree of longitude and of latitude at latitude ``lat``.
+
+    Measured as the geodesic length of a 0.01 degree step on the CRS's ellipsoid (WGS84 when
+    ``crs`` is None). Used to give tiles of a geographic raster a size in metres: over a tile a
+    few hundred metres wide the scale changes by far less than a pixel.
+
+    Returns:
+        ``(m_per_deg_lon, m_per_deg_lat)``.
+    """
+    geod = crs.get_geod() if crs is not None and crs.get_geod() is not None else GEOD
+    step = 0.01
+    lat = float(np.clip(lat, -89.0, 89.0))
+    _, _, dx = geod.inv(-step / 2, lat, step / 2, lat)
+    _, _, dy = geod.inv(0.0, lat - step / 2, 0.0, lat + step / 2)
+    return dx / step, dy / step
+
+
+def linear_unit_metres(crs: CRS) -> float:
+    """Metres per unit of a projected CRS's axes (1 for metres, 0.3048 for feet, ...).
+
+    Raises:
+        GeoError: the CRS has no linear unit (should not happen for a projected CRS).
+    """
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else None
+    if not factor or not math.isfinite(factor):
+        raise GeoError(f"CRS {crs_label(crs)[:80]} has no linear unit; reproject it to metres")
+    return float(factor)
+
+
+def to_wgs84(
+    crs: CRS, xs: Sequence[float] | np.ndarray, ys: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Convert points from ``crs`` to WGS84; returns ``(lon, lat)`` arrays in degrees."""
+    transformer = Transformer.from_crs(crs, WGS84, always_xy=True)
+    lon, lat = transformer.transform(np.asarray(xs, float), np.asarray(ys, float))
+    return np.atleast_1d(np.asarray(lon, float)), np.atleast_1d(np.asarray(lat, float))
+
+
+def geodesic_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Geodesic distance in metres between two WGS84 points (pyproj.Geod, WGS84 ellipsoid)."""
+    _, _, dist = GEOD.inv(lon1, lat1, lon2, lat2)
+    return float(dist)
+
+
+class LocalFrame:
+    """A metric plane tangent at one WGS84 point: azimuthal equidistant (AEQD) projection.
+
+    Why: averaging positions in degrees is wrong away from the equator (a degree of longitude
+    shrinks with latitude); in an AEQD frame centred on the tiles being averaged, distances
+    from the centre are exact and the distortion over a few hundred metres is negligible.
+
+    Args:
+        lat: latitude of the frame's origin in degrees.
+        lon: longitude of the frame's origin in degrees.
+    """
+
+    def __init__(self, lat: float, lon: float) -> None:
+        self.lat, self.lon = float(lat), float(lon)
+        local = CRS.from_proj4(
+            f"+proj=aeqd +lat_0={self.lat!r} +lon_0={self.lon!r} +datum=WGS84 +units=m"
+        )
+        self._fwd = Transformer.from_crs(WGS84, local, always_xy=True)
+        self._inv = Transformer.from_crs(local, WGS84, always_xy=True)
+
+    def to_xy(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """WGS84 ``(lat, lon)`` arrays -> local ``(east_m, north_m)`` arrays."""
+        x, y = self._fwd.transform(np.asarray(lon, float), np.asarray(lat, float))
+        return np.asarray(x, float), np.asarray(y, float)
+
+    def to_latlon(self, x: float, y: float) -> tuple[float, float]:
+        """Local ``(east_m, north_m)`` -> WGS84 ``(lat, lon)``."""
+        lon, lat = self._inv.transform(float(x), float(y))
+        return float(lat), float(lon)
