@@ -1,0 +1,674 @@
+"""A searchable gallery of tile descriptors: FAISS index + metadata table + manifest.
+
+A gallery folder holds three files, each written atomically:
+
+- ``index.faiss``: the descriptors in FAISS, searched by inner product. Descriptors are
+  L2-normalised on the way in (the model's radius-``r`` descriptors only differ by the factor
+  ``r``), so a score is the cosine similarity in [-1, 1] whatever the radius.
+  ``flat`` (exact, default), ``ivf`` (inverted lists, trained on the data) or ``hnsw`` (graph).
+- ``metadata.csv``: one row per vector, in index order: tile path, lat, lon, CRS, source, and
+  every other column of the tile table.
+- ``manifest.json``: format version, the sha256 of the checkpoint's ``model.safetensors``,
+  descriptor dim, radius, model config, index type and parameters, count, creation time.
+
+The manifest is written last; :meth:`GalleryIndex.load` checks that the three files agree, so an
+interrupted save is reported instead of giving wrong answers. Searching needs no model.
+
+    imlnet index tiles/ --checkpoint runs/ckpt --out gallery/ [--type flat|ivf|hnsw] [--append]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from imlnet.errors import CheckpointError, GeoError, ImageReadError
+from imlnet.geo.tiling import TileSet, cell_text, read_csv, read_tileset, write_csv
+from imlnet.io import atomic_path, write_json
+
+FORMAT = "imlnet-gallery-index"
+FORMAT_VERSION = 1
+INDEX_FILE, METADATA_FILE, MANIFEST_FILE = "index.faiss", "metadata.csv", "manifest.json"
+#: Columns every metadata row must have.
+REQUIRED_COLUMNS = ("path", "lat", "lon", "crs", "source")
+WEIGHTS_FILE = "model.safetensors"
+IndexType = Literal["flat", "ivf", "hnsw"]
+#: Default parameters per index type (see :class:`GalleryIndex`).
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "flat": {},
+    "ivf": {"nlist": None, "nprobe": 16},
+    "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 64},
+}
+
+
+def checkpoint_hash(checkpoint: str | Path) -> str:
+    """sha256 (hex) of a checkpoint's weights: ``<dir>/model.safetensors`` or that file itself.
+
+    Why: the index must be searched with descriptors from the model that built it; the hash
+    identifies the weights whatever the folder is called.
+
+    Raises:
+        CheckpointError: the weights file does not exist.
+    """
+    path = Path(checkpoint)
+    weights = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights}: checkpoint weights not found; --checkpoint must be a folder with "
+            f"{WEIGHTS_FILE} (as written by the trainer) or that file"
+        )
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _as_matrix(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise GeoError(f"{what} must have shape (N, D), got {tuple(x.shape)}")
+    if not np.isfinite(x).all():
+        raise GeoError(f"{what} contain NaN or infinity; check the model checkpoint")
+    return x
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+class GalleryIndex:
+    """Descriptors in FAISS (inner product on L2-normalised vectors) with aligned metadata.
+
+    Args:
+        dim: descriptor dimension D.
+        index_type: ``"flat"`` exact search (``IndexFlatIP``); ``"ivf"`` (``IndexIVFFlat``,
+            trained with k-means on the first batch added); ``"hnsw"`` (``IndexHNSWFlat``,
+            inner-product metric).
+        params: per-type options, defaults in :data:`DEFAULT_PARAMS`: ivf ``nlist`` (None:
+            ``4 sqrt(N)`` clipped to ``N / 39``, so k-means has 39 points per list as FAISS
+            asks) and ``nprobe``; hnsw ``M``, ``efConstruction``, ``efSearch``.
+        checkpoint_hash: sha256 of the weights that made the descriptors (see
+            :func:`checkpoint_hash`); checked when the index is re-opened.
+        checkpoint: where those weights were (for messages only).
+        radius: the model's descriptor radius r (recorded, not used for search).
+        model_config: the model's config dict (recorded).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        index_type: IndexType = "flat",
+        params: Mapping[str, Any] | None = None,
+        checkpoint_hash: str = "",
+        checkpoint: str = "",
+        radius: float | None = None,
+        model_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if index_type not in DEFAULT_PARAMS:
+            raise GeoError(f"index type must be flat, ivf or hnsw, not {index_type!r}")
+        if int(dim) < 1:
+            raise GeoError(f"descriptor dim must be >= 1, got {dim}")
+        unknown = set(params or {}) - set(DEFAULT_PARAMS[index_type])
+        if unknown:
+            raise GeoError(f"unknown {index_type} option(s) {sorted(unknown)}")
+        self.dim = int(dim)
+        self.index_type: IndexType = index_type
+        self.params: dict[str, Any] = {**DEFAULT_PARAMS[index_type], **(params or {})}
+        self.checkpoint_hash = checkpoint_hash
+        self.checkpoint = checkpoint
+        self.radius = radius
+        # through JSON so that the manifest can always be written (tuples, paths -> lists, str)
+        self.model_config = json.loads(json.dumps(dict(model_config or {}), default=str))
+        self.created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        self.metadata: list[dict[str, str]] = []
+        self.columns: list[str] = list(REQUIRED_COLUMNS)
+        self._index: faiss.Index | None = None if index_type == "ivf" else self._new_index(0)
+
+    # -- construction -------------------------------------------------------------------
+    def _new_index(self, n_train: int) -> faiss.Index:
+        if self.index_type == "flat":
+            return faiss.IndexFlatIP(self.dim)
+        if self.index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, int(self.params["M"]), faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = int(self.params["efConstruction"])
+            index.hnsw.efSearch = int(self.params["efSearch"])
+            return index
+        nlist = self.params["nlist"]
+        if nlist is None:
+            nlist = int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
+        if n_train < nlist:
+            raise GeoError(
+                f"an ivf index with nlist={nlist} needs at least {nlist} descriptors in its "
+                f"first batch to train, got {n_train}; lower nlist or use --type flat"
+            )
+        self.params["nlist"] = int(nlist)
+        index = faiss.index_factory(self.dim, f"IVF{int(nlist)},Flat", faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = int(self.params["nprobe"])
+        return index
+
+    def add(
+        self, descriptors: np.ndarray | torch.Tensor, metadata_rows: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Append descriptors ``(N, D)`` and their ``N`` metadata rows (any index type).
+
+        An ivf index is trained on the first batch added; later batches go into the lists
+        found then (append data from the same kind of map, or rebuild, to keep recall).
+
+        Raises:
+            GeoError: shapes disagree, values are not finite, or a row lacks path/lat/lon/crs/
+                source or has a latitude/longitude out of range.
+        """
+        x = _as_matrix(descriptors, "descriptors")
+        if x.shape[1] != self.dim:
+            raise GeoError(f"descriptors have dim {x.shape[1]}, the index has dim {self.dim}")
+        if len(metadata_rows) != len(x):
+            raise GeoError(f"{len(x)} descriptors but {len(metadata_rows)} metadata rows")
+        rows = [self._check_row(row, self.count + i) for i, row in enumerate(metadata_rows)]
+        if len(x) == 0:
+            return
+        x = _l2_normalise(x)
+        if self._index is None:
+            self._index = self._new_index(len(x))
+            self._index.train(x)
+        self._index.add(x)
+        for row in rows:
+            for key in row:
+                if key not in self.columns:
+                    self.columns.append(key)
+        self.metadata.extend(rows)
+
+    @staticmethod
+    def _check_row(row: Mapping[str, Any], i: int) -> dict[str, str]:
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise GeoError(f"metadata row {i} lacks {', '.join(missing)}")
+        try:
+            lat, lon = float(row["lat"]), float(row["lon"])
+        except (TypeError, ValueError) as err:
+            raise GeoError(f"metadata row {i} ({row['path']}): lat/lon not numbers") from err
+        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            raise GeoError(f"metadata row {i} ({row['path']}): lat {lat}, lon {lon} out of range")
+        return {str(k): cell_text(v) for k, v in row.items()}
+
+    # -- search ---------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        """Number of vectors in the index."""
+        return 0 if self._index is None else int(self._index.ntotal)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best tiles per query.
+
+        Args:
+            queries: descriptors ``(Q, D)`` (normalised here like the gallery).
+            k: tiles per query; at most the gallery size.
+
+        Returns:
+            ``scores (Q, k)`` float32 cosine similarities, descending, and ``ids (Q, k)`` int64
+            row numbers into :attr:`metadata` (-1 where an approximate index found fewer).
+
+        Raises:
+            GeoError: the index is empty or the query dim differs from the index dim.
+        """
+        x = _as_matrix(queries, "query descriptors")
+        if x.shape[1] != self.dim:
+            raise GeoError(
+                f"query descriptors have dim {x.shape[1]}, the index has dim {self.dim}; "
+                "use the checkpoint the index was built with"
+            )
+        if self.count == 0:
+            raise GeoError("the gallery index is empty; index some tiles first")
+        k = max(1, min(int(k), self.count))
+        scores, ids = self._index.search(_l2_normalise(x), k)
+        return scores, ids
+
+    def lookup(self, ids: np.ndarray) -> list[list[dict[str, str]]]:
+        """Metadata rows for ``ids (Q, k)`` (ids < 0 are left out)."""
+        return [[self.metadata[int(i)] for i in row if i >= 0] for row in np.atleast_2d(ids)]
+
+    def search_rows(self, queries: np.ndarray | torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
+        """Like :meth:`search` but returns, per query, its hits as metadata dicts with
+        ``rank`` (0-based), ``id``, ``score``, and ``lat``/``lon`` as floats."""
+        scores, ids = self.search(queries, k)
+        out = []
+        for srow, irow in zip(scores, ids, strict=True):
+            hits = []
+            for rank, (s, i) in enumerate((s, i) for s, i in zip(srow, irow, strict=True)):
+                if i < 0:
+                    continue
+                meta = self.metadata[int(i)]
+                hit: dict[str, Any] = {**meta, "rank": rank, "id": int(i), "score": float(s)}
+                hit["lat"], hit["lon"] = float(meta["lat"]), float(meta["lon"])
+                hits.append(hit)
+            out.append(hits)
+        return out
+
+    # -- persistence ----------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        """The manifest dict written to ``manifest.json``."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "checkpoint_hash": self.checkpoint_hash,
+            "checkpoint": self.checkpoint,
+            "descriptor_dim": self.dim,
+            "radius": self.radius,
+            "model_config": self.model_config,
+            "index_type": self.index_type,
+            "index_params": self.params,
+            "metric": "inner_product",
+            "normalized": True,
+            "count": self.count,
+            "created": self.created,
+            "faiss_version": faiss.__version__,
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``index.faiss``, ``metadata.csv`` and ``manifest.json`` (last) into ``folder``.
+
+        Raises:
+            GeoError: the index is empty (an untrained ivf index cannot be saved).
+        """
+        folder = Path(folder)
+        if self._index is None:
+            raise GeoError("cannot save an empty ivf index: add descriptors first")
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / INDEX_FILE) as tmp:
+            faiss.write_index(self._index, str(tmp))
+        write_csv(folder / METADATA_FILE, self.metadata, self.columns)
+        write_json(folder / MANIFEST_FILE, self.manifest())
+        return folder
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        *,
+        expect_checkpoint_hash: str | None = None,
+        expect_dim: int | None = None,
+        checkpoint_name: str | None = None,
+    ) -> GalleryIndex:
+        """Re-open a gallery saved by :meth:`save` (no model needed).
+
+        Args:
+            folder: the gallery folder.
+            expect_checkpoint_hash: if given, the sha256 of the weights about to embed queries;
+                must equal the manifest's.
+            expect_dim: if given, the query descriptor dim; must equal the index's.
+            checkpoint_name: the checkpoint being used, for the mismatch message.
+
+        Raises:
+            GeoError: a file is missing or unreadable, the index is corrupt, the files disagree
+                on the count or dim, or the checkpoint does not match. The message names the file.
+        """
+        folder = Path(folder)
+        paths = {name: folder / name for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE)}
+        for path in paths.values():
+            if not path.is_file():
+                raise GeoError(f"{path}: missing; build the gallery with `imlnet index`")
+        manifest = _read_manifest(paths[MANIFEST_FILE])
+        try:
+            raw = faiss.read_index(str(paths[INDEX_FILE]))
+        except Exception as err:  # faiss raises RuntimeError with a C++ trace
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text)  # drop C++ frame
+            raise GeoError(
+                f"{paths[INDEX_FILE]}: corrupt or not a FAISS index ({first[:200]}); "
+                "rebuild it with `imlnet index`"
+            ) from err
+        metadata = read_csv(paths[METADATA_FILE], REQUIRED_COLUMNS)
+        counts = (int(manifest["count"]), int(raw.ntotal), len(metadata))
+        if len(set(counts)) != 1:
+            raise GeoError(
+                f"{folder}: files disagree on the number of tiles (manifest.json {counts[0]}, "
+                f"index.faiss {counts[1]}, metadata.csv {counts[2]}); a save was interrupted or "
+                "the files come from different galleries; rebuild with `imlnet index`"
+            )
+        dim = int(manifest["descriptor_dim"])
+        if raw.d != dim:
+            raise GeoError(
+                f"{paths[INDEX_FILE]}: has dim {raw.d} but manifest.json says {dim}; the files "
+                "come from different galleries; rebuild with `imlnet index`"
+            )
+        built_by = manifest.get("checkpoint") or "an unnamed checkpoint"
+        if expect_dim is not None and int(expect_dim) != dim:
+            raise GeoError(
+                f"{paths[MANIFEST_FILE]}: the gallery holds {dim}-d descriptors (built by "
+                f"{built_by}) but the model in use makes {expect_dim}-d descriptors; "
+                "use the same checkpoint or rebuild the gallery"
+            )
+        if expect_checkpoint_hash is not None and expect_checkpoint_hash != manifest.get(
+            "checkpoint_hash"
+        ):
+            using = checkpoint_name or "the checkpoint in use"
+            raise GeoError(
+                f"{paths[MANIFEST_FILE]}: the gallery was built by {built_by} "
+                f"(sha256 {str(manifest.get('checkpoint_hash'))[:12]}...) but {using} has "
+                f"sha256 {expect_checkpoint_hash[:12]}...; descriptors of different weights "
+                "cannot be compared: use that checkpoint or rebuild the gallery"
+            )
+        index_type = manifest["index_type"]
+        expected_cls = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}
+        if index_type not in expected_cls or not isinstance(raw, expected_cls[index_type]):
+            raise GeoError(
+                f"{paths[INDEX_FILE]}: is a {type(raw).__name__}, but manifest.json says "
+                f"{index_type!r}; rebuild with `imlnet index`"
+            )
+        self = cls(
+            dim,
+            index_type=index_type,
+            params=manifest.get("index_params") or {},
+            checkpoint_hash=manifest.get("checkpoint_hash", ""),
+            checkpoint=manifest.get("checkpoint", ""),
+            radius=manifest.get("radius"),
+            model_config=manifest.get("model_config") or {},
+        )
+        self.created = manifest.get("created", self.created)
+        self._index = raw
+        self.set_search_params(**{k: v for k, v in self.params.items() if k in SEARCH_PARAMS})
+        self.metadata = [dict(row) for row in metadata]
+        self.columns = list(metadata[0]) if metadata else list(REQUIRED_COLUMNS)
+        return self
+
+    def set_search_params(self, *, nprobe: int | None = None, efSearch: int | None = None) -> None:
+        """Change the accuracy/speed trade-off of an ivf (``nprobe``) or hnsw (``efSearch``)
+        index; recorded in the manifest on the next save."""
+        if nprobe is not None and self.index_type == "ivf":
+            self.params["nprobe"] = int(nprobe)
+            if self._index is not None:
+                faiss.extract_index_ivf(self._index).nprobe = int(nprobe)
+        if efSearch is not None and self.index_type == "hnsw":
+            self.params["efSearch"] = int(efSearch)
+            if self._index is not None:
+                self._index.hnsw.efSearch = int(efSearch)
+
+
+SEARCH_PARAMS = ("nprobe", "efSearch")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise GeoError(f"{path}: cannot read ({err}); rebuild with `imlnet index`") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise GeoError(f"{path}: not an imlnet gallery manifest; rebuild with `imlnet index`")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise GeoError(
+            f"{path}: format version {manifest['format_version']} is newer than this imlnet "
+            f"reads ({FORMAT_VERSION}); upgrade imlnet"
+        )
+    missing = [k for k in ("count", "descriptor_dim", "index_type") if k not in manifest]
+    if missing:
+        raise GeoError(f"{path}: lacks {', '.join(missing)}; rebuild with `imlnet index`")
+    return manifest
+
+
+# -- embedding ----------------------------------------------------------------------------
+class _ImageFiles(torch.utils.data.Dataset):
+    """Images read with PIL (converted to RGB) and passed through ``transform``."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except FileNotFoundError as err:
+            raise ImageReadError(f"{path}: image not found") from err
+        except (UnidentifiedImageError, OSError) as err:
+            raise ImageReadError(f"{path}: cannot decode image ({err}); replace it") from err
+        return self.transform(rgb)
+
+
+def embed_images(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    paths: Sequence[str | Path],
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Descriptors ``(N, D)`` float32 of image files, in batches, without gradients.
+
+    Args:
+        encode: maps a batch ``(B, 3, H, W)`` on ``device`` to descriptors ``(B, D)``.
+        paths: image files (any PIL format; converted to RGB).
+        transform: PIL image -> ``(3, H, W)`` tensor (the model's eval transform).
+        batch_size: images per call of ``encode``.
+        device: where batches go.
+        num_workers: DataLoader worker processes for decoding.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Raises:
+        ImageReadError: an image is missing or cannot be decoded (named).
+        GeoError: ``encode`` returned something that is not ``(B, D)``.
+    """
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles([Path(p) for p in paths], transform),
+        batch_size=max(1, int(batch_size)),
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    chunks: list[np.ndarray] = []
+    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, disable=not progress) as bar:
+        for batch in loader:
+            out = encode(batch.to(device))
+            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(batch):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise GeoError(f"encoder returned {shape}, expected ({len(batch)}, D)")
+            chunks.append(out.detach().to("cpu", torch.float32).numpy())
+            bar.update(len(batch))
+    if not chunks:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(chunks)
+
+
+def build_index(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    tile_table: TileSet | str | Path,
+    *,
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    index: GalleryIndex | None = None,
+    index_type: IndexType = "flat",
+    params: Mapping[str, Any] | None = None,
+    checkpoint_hash: str = "",
+    checkpoint: str = "",
+    radius: float | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    num_workers: int = 0,
+) -> GalleryIndex:
+    """Embed every tile of a tile table and add it to a (new or given) :class:`GalleryIndex`.
+
+    Args:
+        encode: batch ``(B, 3, H, W)`` -> satellite-view descriptors ``(B, D)``.
+        tile_table: a :class:`~imlnet.geo.tiling.TileSet`, a tile folder, or its ``tiles.csv``.
+        transform: PIL image -> ``(3, H, W)`` tensor.
+        batch_size: tiles per batch.
+        device: where the batches go.
+        progress: show a tqdm bar.
+        index: append to this index instead of creating one (the other index options are
+            then ignored).
+        index_type: ``flat``, ``ivf`` or ``hnsw`` for a new index.
+        params: options of the new index (see :class:`GalleryIndex`).
+        checkpoint_hash: recorded in the manifest of a new index.
+        checkpoint: recorded in the manifest of a new index (for messages).
+        radius: the model's descriptor radius, recorded.
+        model_config: the model's config, recorded.
+        num_workers: DataLoader workers decoding images.
+
+    Returns:
+        The index, with metadata rows = tile rows whose ``path`` is the absolute image path.
+
+    Raises:
+        GeoError: the table is empty or a tile is already in ``index``.
+    """
+    tiles = tile_table if isinstance(tile_table, TileSet) else read_tileset(tile_table)
+    if not tiles.rows:
+        raise GeoError(f"{tiles.table}: no tiles to index (all skipped as nodata?)")
+    rows = [{**row, "path": str(tiles.image_path(row))} for row in tiles.rows]
+    if index is not None:
+        known = {row["path"] for row in index.metadata}
+        again = [row["path"] for row in rows if row["path"] in known]
+        if again:
+            raise GeoError(
+                f"{len(again)} tile(s) of {tiles.table} are already in the gallery "
+                f"(e.g. {again[0]}); do not append the same tiles twice"
+            )
+    desc = embed_images(
+        encode,
+        [row["path"] for row in rows],
+        transform=transform,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"indexing {tiles.root.name}",
+    )
+    if index is None:
+        index = GalleryIndex(
+            desc.shape[1],
+            index_type=index_type,
+            params=params,
+            checkpoint_hash=checkpoint_hash,
+            checkpoint=checkpoint,
+            radius=radius,
+            model_config=model_config,
+        )
+    index.add(desc, rows)
+    return index
+
+
+# -- model glue (isolated so that tests can replace it) -----------------------------------
+def load_model(checkpoint: str | Path, device: str | torch.device) -> Any:
+    """Load ``IMLNet.from_pretrained(checkpoint)`` in eval mode on ``device``."""
+    from imlnet.models.imlnet import IMLNet  # lazy: serving imports the model only here
+
+    return IMLNet.from_pretrained(checkpoint).to(device).eval()
+
+
+def eval_transform(view: str, size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform of ``view`` ("satellite" or "drone") at ``size`` pixels."""
+    from imlnet.data.transforms import build_transforms
+
+    return build_transforms(view, train=False, size=size)
+
+
+def model_encoder(model: Any, domain: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> model.encode(x, domain)``: satellite for gallery tiles, drone for queries."""
+    return lambda x: model.encode(x, domain)
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """Command-line options shared by ``imlnet index`` and ``imlnet localize``."""
+    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, default=256, help="model input size in pixels")
+    ap.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: Sequence[str]) -> int:
+    """``imlnet index TILES... --checkpoint CKPT --out DIR``: build or extend a gallery."""
+    ap = argparse.ArgumentParser(prog="imlnet index", description=__doc__.split("\n")[0])
+    ap.add_argument("tiles", type=Path, nargs="+", help="tile folder(s) from `imlnet tile`")
+    ap.add_argument("--out", type=Path, required=True, help="gallery folder")
+    ap.add_argument("--type", choices=("flat", "ivf", "hnsw"), default="flat")
+    ap.add_argument("--append", action="store_true", help="add to the gallery in --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace the gallery in --out")
+    ap.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")
+    ap.add_argument("--nprobe", type=int, help="ivf: lists searched per query (default 16)")
+    ap.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
+    ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    add_model_args(ap)
+    args = ap.parse_args(list(argv))
+    ckpt_hash = checkpoint_hash(args.checkpoint)
+    index: GalleryIndex | None = None
+    if args.append:
+        index = GalleryIndex.load(
+            args.out, expect_checkpoint_hash=ckpt_hash, checkpoint_name=str(args.checkpoint)
+        )
+        index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
+    elif (args.out / MANIFEST_FILE).exists() and not args.overwrite:
+        raise GeoError(
+            f"{args.out / MANIFEST_FILE}: a gallery exists; pass --append to add tiles to it "
+            "or --overwrite to replace it"
+        )
+    tilesets = [read_tileset(folder) for folder in args.tiles]
+    model = load_model(args.checkpoint, args.device)
+    dim = int(getattr(model, "descriptor_dim", 0)) or None
+    if index is not None and dim is not None and dim != index.dim:
+        raise GeoError(
+            f"{args.out / MANIFEST_FILE}: gallery dim {index.dim}, model dim {dim}; "
+            "use the checkpoint that built the gallery"
+        )
+    params = {
+        k: v
+        for k, v in {
+            "nlist": args.nlist,
+            "nprobe": args.nprobe,
+            "M": args.hnsw_m,
+            "efSearch": args.ef_search,
+        }.items()
+        if v is not None and k in DEFAULT_PARAMS[args.type]
+    }
+    transform = eval_transform("satellite", args.size)
+    for tiles in tilesets:  # at least one (nargs="+")
+        index = build_index(
+            model_encoder(model, "satellite"),
+            tiles,
+            transform=transform,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.quiet,
+            index=index,
+            index_type=args.type,
+            params=params,
+            checkpoint_hash=ckpt_hash,
+            checkpoint=str(Path(args.checkpoint).resolve()),
+            radius=getattr(model, "radius", None),
+            model_config=getattr(model, "config", None),
+            num_workers=args.workers,
+        )
+    index.save(args.out)
+    print(
+        f"gallery {args.out}: {index.count} tiles, {index.index_type} index, dim {index.dim} "
+        f"({', '.join(f'{k}={v}' for k, v in index.params.items()) or 'exact'})"
+    )
+    return 0
