@@ -1,0 +1,255 @@
+"""Localisation: the estimate rule by hand, self-queries land on their tile, outputs, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pyproj import Geod
+from rasterio.transform import from_origin
+from torchvision.transforms.functional import pil_to_tensor
+
+from imlnet.cli import main as cli_main
+from imlnet.errors import GeoError
+from imlnet.geo import index as gindex
+from imlnet.geo.index import build_index
+from imlnet.geo.localize import estimate_position, localize, read_truth, to_geojson, write_outputs
+from imlnet.geo.tiling import TileSet, tile_geotiff
+
+GEOD = Geod(ellps="WGS84")
+LAT0, LON0 = 47.5, 8.5
+
+
+class ProjEncoder:
+    """Deterministic encoder: a fixed random projection of 8x8-pooled, mean-centred pixels."""
+
+    def __init__(self, dim: int = 32, seed: int = 0) -> None:
+        self.weight = torch.randn(3 * 64, dim, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.adaptive_avg_pool2d(x, 8).flatten(1)
+        return (f - f.mean(1, keepdim=True)) @ self.weight
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return pil_to_tensor(image.resize((64, 64))).float() / 255
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory: pytest.TempPathFactory) -> TileSet:
+    root = tmp_path_factory.mktemp("loc")
+    blocks = np.random.default_rng(3).integers(0, 255, (3, 48, 64), dtype=np.uint8)
+    profile = dict(driver="GTiff", width=512, height=384, count=3, dtype="uint8")
+    transform = from_origin(480_000, 5_300_000, 0.5, 0.5)
+    with rasterio.open(
+        root / "map.tif", "w", crs="EPSG:32632", transform=transform, **profile
+    ) as d:
+        d.write(np.kron(blocks, np.ones((1, 8, 8), np.uint8)))
+    return tile_geotiff(
+        root / "map.tif", root / "tiles", tile_size_m=60, stride_m=30, out_px=64, progress=False
+    )
+
+
+def hit(lat: float, lon: float, score: float, **kw) -> dict:
+    return {"lat": lat, "lon": lon, "score": score, **kw}
+
+
+def test_estimate_hand_example() -> None:
+    lon_e, lat_e, _ = GEOD.fwd(LON0, LAT0, 90.0, 10.0)  # 10 m east of the top-1
+    lon_n, lat_n, _ = GEOD.fwd(LON0, LAT0, 0.0, 5000.0)  # 5 km north: another place
+    hits = [hit(LAT0, LON0, 0.9, size_m=60.0), hit(lat_e, lon_e, 0.8), hit(lat_n, lon_n, 0.1)]
+    lat, lon, used = estimate_position(hits, temperature=0.1)
+    # weights softmax([0.9, 0.8] / 0.1) = [e, 1] / (e + 1): 10 m / (e + 1) = 2.689 m east
+    az, _, dist = GEOD.inv(LON0, LAT0, lon, lat)
+    assert used == 2 and dist == pytest.approx(10 / (math.e + 1), abs=0.01)
+    assert az == pytest.approx(90.0, abs=0.5)
+    # the far tile joins when the spread allows it: its weight is e^-8 of the top-1's
+    lat, lon, used = estimate_position(hits, temperature=0.1, max_spread_m=10_000)
+    w = np.exp([0.0, -1.0, -8.0])
+    w /= w.sum()
+    _, _, dist = GEOD.inv(LON0, LAT0, lon, lat)
+    assert used == 3 and dist == pytest.approx(math.hypot(10 * w[1], 5000 * w[2]), abs=0.02)
+    assert estimate_position(hits, temperature=0) == (LAT0, LON0, 1)
+    with pytest.raises(GeoError, match="no gallery tiles"):
+        estimate_position([])
+
+
+def _truth_csv(path: Path, tiles: TileSet, rows: list[dict], relative: bool) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "lat", "lon"])
+        for row in rows:
+            name = f"tiles/{row['path']}" if relative else row["path"]
+            writer.writerow([name, row["lat"], row["lon"]])
+    return path
+
+
+def test_self_queries_find_their_tile_with_zero_error(tiles: TileSet, tmp_path: Path) -> None:
+    encoder = ProjEncoder()
+    index = build_index(encoder, tiles, transform=to_tensor, progress=False)
+    chosen = [tiles.rows[i] for i in (0, 9, 17, len(tiles) - 1)]
+    images = [str(tiles.image_path(r)) for r in chosen]
+    truth_file = _truth_csv(tiles.root.parent / "truth.csv", tiles, chosen, relative=True)
+    results = localize(
+        encoder,
+        index,
+        images,
+        transform=to_tensor,
+        k=5,
+        truth=read_truth(truth_file),
+        truth_base=truth_file.parent,
+        progress=False,
+    )
+    assert len(results) == 4
+    for res, row, image in zip(results, chosen, images, strict=True):
+        assert res.hits[0]["path"] == image and res.hits[0]["score"] == pytest.approx(1, abs=1e-5)
+        assert [h["rank"] for h in res.hits] == [0, 1, 2, 3, 4]
+        assert res.error_m is not None and res.error_m < 0.5
+        assert res.top1_error_m == pytest.approx(0, abs=1e-6)
+        assert (res.true_lat, res.true_lon) == (row["lat"], row["lon"])
+    # truth given by bare file names matches too; a query without truth gets no error
+    by_name = read_truth(_truth_csv(tmp_path / "t.csv", tiles, chosen[:1], relative=False))
+    out = localize(encoder, index, images[:2], transform=to_tensor, truth=by_name, progress=False)
+    assert out[0].error_m is not None and out[1].error_m is None
+
+
+def test_outputs_and_geojson(tiles: TileSet, tmp_path: Path) -> None:
+    encoder = ProjEncoder()
+    index = build_index(encoder, tiles, transform=to_tensor, progress=False)
+    images = [str(tiles.image_path(tiles.rows[i])) for i in (2, 5)]
+    truth = {images[0]: (tiles.rows[2]["lat"], tiles.rows[2]["lon"])}
+    results = localize(
+        encoder, index, images, transform=to_tensor, k=3, truth=truth, progress=False
+    )
+    paths = write_outputs(results, tmp_path / "out")
+    geo = json.loads(paths["geojson"].read_text())
+    assert geo == to_geojson(results) and geo["type"] == "FeatureCollection"
+    kinds = [f["properties"]["kind"] for f in geo["features"]]
+    assert kinds == [
+        "estimate",
+        "truth",
+        "tile",
+        "tile",
+        "tile",
+        "estimate",
+        "tile",
+        "tile",
+        "tile",
+    ]
+    for feature in geo["features"]:
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Point"
+        lon, lat = feature["geometry"]["coordinates"]
+        assert -180 <= lon <= 180 and -90 <= lat <= 90
+        assert 8.0 < lon < 9.5 and 47.0 < lat < 48.5  # [lon, lat] order, not [lat, lon]
+    first = geo["features"][0]
+    assert first["geometry"]["coordinates"] == [results[0].lon, results[0].lat]
+    assert first["properties"]["error_m"] == pytest.approx(results[0].error_m)
+    assert geo["features"][5]["properties"]["error_m"] is None
+    tile_props = geo["features"][2]["properties"]
+    assert tile_props["rank"] == 0 and tile_props["path"] == images[0]
+    with open(paths["results"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image"] for r in rows] == images and rows[1]["error_m"] == ""
+    assert float(rows[0]["lat"]) == results[0].lat
+    with open(paths["hits"], newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["queries"] == 2 and summary["with_truth"] == 1
+    assert summary["estimate"]["within_25m"] == 1.0
+
+
+def test_read_truth_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,latitude,lon\na.jpg,1,2\n")
+    with pytest.raises(GeoError, match=r"bad\.csv: missing column\(s\) lat"):
+        read_truth(bad)
+    bad.write_text("image,lat,lon\na.jpg,1,2\nb.jpg,north,2\n")
+    with pytest.raises(GeoError, match=r"bad\.csv, line 3: lat/lon are not numbers"):
+        read_truth(bad)
+    bad.write_text("image,lat,lon\na.jpg,91,2\n")
+    with pytest.raises(GeoError, match="out of range"):
+        read_truth(bad)
+    with pytest.raises(GeoError, match=r"nothere\.csv: file not found"):
+        read_truth(tmp_path / "nothere.csv")
+
+
+class FakeModel:
+    radius, config = 1.0, {"backbone": "fake"}
+
+    def __init__(self, dim: int = 32) -> None:
+        self.descriptor_dim = dim
+        self.encoder = ProjEncoder(dim)
+        self.domains: set[str] = set()
+
+    def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
+        self.domains.add(domain)
+        return self.encoder(x)
+
+
+def test_cli_localize(
+    tiles: TileSet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    models: list[FakeModel] = []
+
+    def fake_load(ckpt, device, dim: int = 32) -> FakeModel:
+        models.append(FakeModel(dim))
+        return models[-1]
+
+    monkeypatch.setattr(gindex, "load_model", fake_load)
+    monkeypatch.setattr(gindex, "eval_transform", lambda view, size: to_tensor)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights-one")
+    gallery, out = tmp_path / "gallery", tmp_path / "out"
+    base = ["--checkpoint", str(ckpt), "--quiet"]
+    assert cli_main(["index", str(tiles.root), "--out", str(gallery), *base]) == 0
+    chosen = tiles.rows[4:7]
+    truth = _truth_csv(tiles.root.parent / "truth3.csv", tiles, chosen, relative=True)
+    images = [str(tiles.image_path(r)) for r in chosen]
+    argv = ["localize", *images, "--index", str(gallery), *base, "--k", "3"]
+    assert cli_main([*argv, "--truth", str(truth), "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 queries with truth" in printed and "100% <= 25 m" in printed
+    assert models[-1].domains == {"drone"} and models[0].domains == {"satellite"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "hits.csv",
+        "results.csv",
+        "results.geojson",
+        "summary.json",
+    ]
+    # a folder of images works as well
+    assert (
+        cli_main(
+            [
+                "localize",
+                str(tiles.root),
+                "--index",
+                str(gallery),
+                *base,
+                "--out-dir",
+                str(tmp_path / "all"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    # another model's descriptors: refused before any image is read
+    monkeypatch.setattr(gindex, "load_model", lambda c, d: fake_load(c, d, dim=64))
+    assert cli_main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
+    assert "makes 64-d" in capsys.readouterr().err
+    (ckpt / "model.safetensors").write_bytes(b"weights-two")
+    assert cli_main([*argv, "--out-dir", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "built by" in err and str(ckpt) in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
