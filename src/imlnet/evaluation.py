@@ -68,10 +68,12 @@ DIRECTIONS: tuple[tuple[str, str, str], ...] = (
 )
 #: The four test views, in the order the features file lists them.
 VIEWS: tuple[str, ...] = ("query_drone", "gallery_satellite", "query_satellite", "gallery_drone")
-#: Score-matrix entries per chunk of queries when ``chunk_size`` is not given (float32: 32 MiB).
-CHUNK_ELEMENTS = 1 << 23
-#: On the CPU, score entries ranked at a time (a block of rows of the chunk; fits in cache).
+#: Most score-matrix entries held at once when ``chunk_size`` is not given (float32: 64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+#: On the CPU, score entries ranked at a time (a block of rows that stays in cache).
 RANK_ELEMENTS = 1 << 19
+#: On the CPU, queries per matrix product (within CHUNK_ELEMENTS): fewer re-reads of the gallery.
+MATMUL_ROWS = 256
 #: Up to this many good items per query, ranks come from direct comparisons (two passes each);
 #: above it, from per-query buckets (see ``_ranks_binned``).
 DIRECT_MAX_GOOD = 2
@@ -100,8 +102,9 @@ def evaluate_retrieval(
         gallery_labels: ``(G,)`` integer labels; -1 marks junk.
         protocol: ``"official"`` (default) or ``"sample4geo"`` (gallery labels absent from the
             queries become junk too).
-        chunk_size: queries per chunk; by default as many as keep a chunk's score matrix at
-            :data:`CHUNK_ELEMENTS` entries. Results do not depend on it.
+        chunk_size: queries per matrix product; by default chosen for speed, with at most
+            :data:`CHUNK_ELEMENTS` scores held at once (64 MiB in float32). Results do not
+            depend on it.
         device: where to compute; default: the device of ``query_features`` if it is a tensor,
             else the CPU. Scores are computed in the inputs' floating dtype (float16/bfloat16
             and integer features are promoted to float32, as the official ``FloatTensor``), and
@@ -144,10 +147,16 @@ def evaluate_retrieval(
     ap_sum = torch.zeros((), dtype=torch.float64, device=dev)
     if table.shape[1] > 0:  # some query has a good item
         n_kept = len(gl)
-        step = min(chunk_size or max(1, CHUNK_ELEMENTS // n_kept), n_queries)
-        # On the CPU the ranking runs on row blocks of the score chunk that stay in cache; one
-        # large matrix product per chunk still reads the gallery only once per chunk.
-        sub = step if dev.type != "cpu" else max(1, RANK_ELEMENTS // n_kept)
+        cap = max(1, CHUNK_ELEMENTS // n_kept)
+        if dev.type == "cpu":
+            # Rank blocks of rows small enough to stay in cache; the matrix product takes at
+            # least MATMUL_ROWS of them at once so that a large gallery is read from memory
+            # once per MATMUL_ROWS queries, not once per block.
+            sub = max(1, RANK_ELEMENTS // n_kept)
+            step = chunk_size or min(max(sub, MATMUL_ROWS), cap)
+        else:
+            step = sub = chunk_size or cap
+        step = min(step, n_queries)
         buffer = torch.empty(step, n_kept, dtype=dtype, device=dev)
         with _ieee_matmul(dev):
             for start in range(0, n_queries, step):
