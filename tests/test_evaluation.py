@@ -162,6 +162,17 @@ def test_equals_official_loop(protocol, dtype, dyadic):
     assert_metrics_equal(got, want)
 
 
+def test_block_sizes_do_not_change_results(monkeypatch):
+    # Several matrix products, each ranked in several row blocks (the CPU defaults would use
+    # one block for this small case).
+    monkeypatch.setattr(evaluation, "RANK_ELEMENTS", 700)  # 2 rows of 300 per block
+    monkeypatch.setattr(evaluation, "MATMUL_ROWS", 5)
+    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 3000)  # at most 10 rows per product
+    qf, ql, gf, gl = random_case(9, 37, 300, 4, 6, dyadic=True, dtype=np.float64)
+    want = official_loop(qf, ql, gf, gl)
+    assert_metrics_equal(evaluate_retrieval(qf, ql, gf, gl), want)
+
+
 @pytest.mark.parametrize("dyadic", [True, False])
 def test_equals_official_loop_one_good_per_query(dyadic):
     # A satellite gallery: one item per label plus distractors (the direct-count path).
