@@ -110,7 +110,7 @@ class IMLNetObjective(nn.Module):
         self.triplet, self.margin = triplet, margin
         self.w_rec, self.w_drcl, self.w_id, self.w_crop = w_rec, w_drcl, w_id, w_crop
         self.w_rec_satellite, self.crop_units = w_rec_satellite, crop_units
-        self._gen = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # saved in checkpoints
 
     def _unit_ce(self, unit_logits, labels, units) -> torch.Tensor:
         return torch.stack([id_loss(unit_logits[j], labels) for j in units]).mean()
@@ -153,7 +153,7 @@ class IMLNetObjective(nn.Module):
         if self.crop_units == "all":
             units = [0, 1, 2, 3]
         else:
-            units = [int(torch.randint(4, (), generator=self._gen))]
+            units = [int(torch.randint(4, (), generator=self.generator))]
         losses = []
         for images, out, domain in ((drone, out_d, "drone"), (satellite, out_s, "satellite")):
             crops = model.muml_crops(images, labels, domain, output=out)

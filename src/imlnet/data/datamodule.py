@@ -296,6 +296,9 @@ class CrossViewDataModule(L.LightningDataModule):
             drop_last=len(sampler) >= self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            # its own generator: creating an iterator must not draw from the global random state,
+            # or a run resumed mid-epoch would continue with shifted dropout masks
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _eval_loader(self, dataset: ViewDataset) -> DataLoader:
