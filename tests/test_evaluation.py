@@ -321,56 +321,50 @@ def test_cli_features_per_setting_and_errors(tmp_path, capsys):
     assert cli_main(["evaluate", "--features", str(tmp_path / "missing.npz")]) == 2
 
 
+def write_test_views(base: Path, seed: int) -> None:
+    """Tiny test views under ``base``: 3 query buildings, a distractor in the galleries."""
+    rng = np.random.default_rng(seed)
+    counts = {"query_drone": 2, "gallery_satellite": 1, "query_satellite": 1, "gallery_drone": 2}
+    for view, per in counts.items():
+        buildings = ["0001", "0002", "0003"] + (["0009"] if view.startswith("gallery") else [])
+        for b in buildings:
+            folder = base / view / b
+            folder.mkdir(parents=True)
+            for k in range(per):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+
+
+class FakeModel:
+    """``encode``: a fixed linear map of the pooled image, different per domain."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(9)
+        self.w = {d: torch.randn(3 * 4 * 4, 5, generator=g) for d in ("drone", "satellite")}
+
+    def encode(self, x, domain):
+        return F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.w[domain]
+
+
+def model_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        *("--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data")),
+        *("--image-size", "32", "--batch-size", "3", "--num-workers", "0", "--device", "cpu"),
+        *("--save-features", str(tmp_path / "feats.npz"), "--quiet", *extra),
+    ]
+
+
 def test_cli_model_on_dataset_folder(tmp_path, monkeypatch, capsys):
     pytest.importorskip("imlnet.data.university1652")
     pytest.importorskip("imlnet.data.transforms")
     from imlnet.data.transforms import build_transforms
     from imlnet.data.university1652 import University1652Test
 
-    rng = np.random.default_rng(8)
-    counts = {"query_drone": 2, "gallery_satellite": 1, "query_satellite": 1, "gallery_drone": 2}
-    for view, per in counts.items():
-        buildings = ["0001", "0002", "0003"] + (["0009"] if view.startswith("gallery") else [])
-        for b in buildings:
-            folder = tmp_path / "data" / "test" / view / b
-            folder.mkdir(parents=True)
-            for k in range(per):
-                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{k}.png")
-
-    class FakeModel:
-        """encode: a fixed linear map of the pooled image, different per domain."""
-
-        def __init__(self):
-            g = torch.Generator().manual_seed(9)
-            self.w = {d: torch.randn(3 * 4 * 4, 5, generator=g) for d in ("drone", "satellite")}
-
-        def encode(self, x, domain):
-            return F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.w[domain]
-
+    write_test_views(tmp_path / "data" / "test", seed=8)
     model = FakeModel()
     monkeypatch.setattr(evaluation, "_load_model", lambda checkpoint, device: model)
     out = tmp_path / "r.json"
-    argv = [
-        "--checkpoint",
-        str(tmp_path / "ckpt"),
-        "--data",
-        str(tmp_path / "data"),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "3",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--save-features",
-        str(tmp_path / "feats.npz"),
-        "--quiet",
-    ]
-    assert main(argv) == 0
+    assert main(model_argv(tmp_path, "--out", str(out))) == 0
     assert "| satellite->drone |" in capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
 
@@ -386,3 +380,21 @@ def test_cli_model_on_dataset_folder(tmp_path, monkeypatch, capsys):
     assert results["drone->satellite"] == pytest.approx(want)
     saved = load_features(tmp_path / "feats.npz")[""]
     assert saved["gallery_drone"][1].tolist() == [1, 1, 2, 2, 3, 3, 9, 9]
+
+
+def test_cli_model_sues200_per_altitude(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("imlnet.data.sues200")
+    for altitude, seed in ((150, 10), (300, 11)):
+        write_test_views(tmp_path / "data" / "Testing" / str(altitude), seed)
+    monkeypatch.setattr(evaluation, "_load_model", lambda checkpoint, device: FakeModel())
+    argv = model_argv(tmp_path, "--dataset", "sues200", "--altitudes", "150", "300")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| drone->satellite (150m) |" in printed and "| satellite->drone (300m) |" in printed
+    # One features file per altitude, keys prefixed with the altitude; re-evaluating it from
+    # the file gives the printed table again.
+    for altitude in (150, 300):
+        assert set(load_features(tmp_path / f"feats_{altitude}m.npz")) == {f"{altitude}m"}
+    assert main(["--features", str(tmp_path / "feats_300m.npz")]) == 0
+    again = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if "300m" in line] == again.splitlines()[2:]

@@ -646,7 +646,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="imlnet evaluate",
         description="Official University-1652 / SUES-200 retrieval metrics (R@1, R@5, R@10, "
-        "R@1%%, AP) for drone->satellite and satellite->drone.",
+        "R@1%, AP) for drone->satellite and satellite->drone.",
         epilog="Features file (--features / --save-features): an .npz with, per view V in "
         f"{', '.join(VIEWS)}, the arrays V_features (N, D) float and V_labels (N,) int "
         "(label -1 = junk); SUES-200 keys start with '<altitude>m/'.",
@@ -661,12 +661,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--altitudes", type=int, nargs="+", default=[150, 200, 250, 300], help="SUES-200 only"
     )
-    ap.add_argument("--protocol", choices=PROTOCOLS, default="official")
+    ap.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="official",
+        help="official (default) or sample4geo: gallery ids absent from the queries are junk",
+    )
     ap.add_argument("--image-size", type=int, default=256, help="model input size in pixels")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--chunk-size", type=int, help="queries per chunk of the metric computation")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model and the metrics run (default: cuda if available)",
+    )
+    ap.add_argument("--chunk-size", type=int, help="queries per matrix product of the metrics")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--save-features", type=Path, help="also save the extracted features (.npz)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
