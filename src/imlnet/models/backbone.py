@@ -137,14 +137,17 @@ class UnitBackbone(nn.Module):
         state = load_weights_file(path)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         try:
-            missing, _ = net.load_state_dict(state, strict=False)
+            missing, unexpected = net.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatch: weights of another architecture
             raise CheckpointError(f"{path} does not fit a {name}: {err}") from err
+        # the ImageNet classifier (fc) may be absent; every other key must match, or
+        # a deeper network's weights (resnet34 -> resnet18) would load silently in part
         missing = [k for k in missing if not k.startswith("fc.")]
-        if missing:
+        unexpected = [k for k in unexpected if not k.startswith("fc.")]
+        if missing or unexpected:
             raise CheckpointError(
-                f"{path} is not a {name} state dict: {len(missing)} weights "
-                f"missing, e.g. {missing[:3]}"
+                f"{path} is not a {name} state dict: {len(missing)} weights missing "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
 
     def forward_units(self, x: torch.Tensor) -> UnitFeatures:
