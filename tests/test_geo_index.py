@@ -270,3 +270,23 @@ def test_cli_index_build_append_and_refuse(
     (ckpt / "model.safetensors").write_bytes(b"weights-two")
     assert cli_main(["index", str(b.root), *common, "--append"]) == 2
     assert "built by" in capsys.readouterr().err
+
+
+def test_search_params_trade_recall_for_speed(tmp_path: Path) -> None:
+    queries = vectors(50, seed=3)
+    exact = small_index("flat").search(queries, 10)[1]
+
+    def recall(index: GalleryIndex) -> float:
+        found = index.search(queries, 10)[1]
+        return np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)])
+
+    ivf = small_index("ivf")
+    ivf.set_search_params(nprobe=1)
+    low = recall(ivf)
+    ivf.set_search_params(nprobe=8)  # all lists: exact
+    assert recall(ivf) == 1.0 > low
+    ivf.save(tmp_path / "g")
+    assert GalleryIndex.load(tmp_path / "g").params["nprobe"] == 8
+    hnsw = small_index("hnsw")
+    hnsw.set_search_params(efSearch=12, nprobe=5)  # nprobe does not apply to hnsw
+    assert hnsw._index.hnsw.efSearch == 12 and "nprobe" not in hnsw.params

@@ -50,7 +50,7 @@ IndexType = Literal["flat", "ivf", "hnsw"]
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
     "ivf": {"nlist": None, "nprobe": 16},
-    "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 64},
+    "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 128},
 }
 
 
@@ -93,6 +93,45 @@ def _as_matrix(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
 def _l2_normalise(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def new_faiss_index(
+    index_type: IndexType, dim: int, params: Mapping[str, Any], n_train: int = 0
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """An empty FAISS index of ``index_type`` for inner product, configured from ``params``.
+
+    Args:
+        index_type: ``flat``, ``ivf`` or ``hnsw``.
+        dim: descriptor dimension.
+        params: options as in :data:`DEFAULT_PARAMS` (missing keys take the defaults).
+        n_train: for ivf, the number of training vectors (sets ``nlist`` when it is None).
+
+    Returns:
+        The index (ivf still untrained) and the parameters with ``nlist`` filled in.
+
+    Raises:
+        GeoError: an ivf index would have more lists than training vectors.
+    """
+    params = {**DEFAULT_PARAMS[index_type], **params}
+    if index_type == "flat":
+        return faiss.IndexFlatIP(dim), params
+    if index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(params["efConstruction"])
+        index.hnsw.efSearch = int(params["efSearch"])
+        return index, params
+    nlist = params["nlist"]
+    if nlist is None:
+        nlist = int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
+    if n_train < nlist:
+        raise GeoError(
+            f"an ivf index with nlist={nlist} needs at least {nlist} descriptors in its "
+            f"first batch to train, got {n_train}; lower nlist or use --type flat"
+        )
+    params["nlist"] = int(nlist)
+    index = faiss.index_factory(dim, f"IVF{int(nlist)},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.nprobe = int(params["nprobe"])
+    return index, params
 
 
 class GalleryIndex:
@@ -146,24 +185,7 @@ class GalleryIndex:
 
     # -- construction -------------------------------------------------------------------
     def _new_index(self, n_train: int) -> faiss.Index:
-        if self.index_type == "flat":
-            return faiss.IndexFlatIP(self.dim)
-        if self.index_type == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, int(self.params["M"]), faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = int(self.params["efConstruction"])
-            index.hnsw.efSearch = int(self.params["efSearch"])
-            return index
-        nlist = self.params["nlist"]
-        if nlist is None:
-            nlist = int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
-        if n_train < nlist:
-            raise GeoError(
-                f"an ivf index with nlist={nlist} needs at least {nlist} descriptors in its "
-                f"first batch to train, got {n_train}; lower nlist or use --type flat"
-            )
-        self.params["nlist"] = int(nlist)
-        index = faiss.index_factory(self.dim, f"IVF{int(nlist)},Flat", faiss.METRIC_INNER_PRODUCT)
-        index.nprobe = int(self.params["nprobe"])
+        index, self.params = new_faiss_index(self.index_type, self.dim, self.params, n_train)
         return index
 
     def add(
@@ -615,7 +637,7 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")
     ap.add_argument("--nprobe", type=int, help="ivf: lists searched per query (default 16)")
     ap.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
-    ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 64)")
+    ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 128)")
     add_model_args(ap)
     args = ap.parse_args(list(argv))
     ckpt_hash = checkpoint_hash(args.checkpoint)

@@ -392,6 +392,8 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--out-dir", type=Path, default=Path("localize-out"))
     ap.add_argument("--temperature", type=float, default=0.05, help="score softmax temperature")
     ap.add_argument("--max-spread-m", type=float, help="average tiles this close to the top-1")
+    ap.add_argument("--nprobe", type=int, help="ivf gallery: lists searched (overrides)")
+    ap.add_argument("--ef-search", type=int, help="hnsw gallery: search breadth (overrides)")
     gindex.add_model_args(ap)
     args = ap.parse_args(list(argv))
     if args.k < 1:
@@ -400,6 +402,7 @@ def main(argv: Sequence[str]) -> int:
     index = GalleryIndex.load(
         args.index, expect_checkpoint_hash=ckpt_hash, checkpoint_name=str(args.checkpoint)
     )
+    index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
     truth = read_truth(args.truth) if args.truth else None
     images = expand_images(args.images)
     model = gindex.load_model(args.checkpoint, args.device)

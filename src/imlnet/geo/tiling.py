@@ -203,7 +203,9 @@ def _offsets(size: int, window: int, stride: float, cover_edges: bool) -> list[i
     return starts
 
 
-def _select_bands(ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, src: Path) -> list:
+def _select_bands(
+    ds: rasterio.io.DatasetReader, bands: Sequence[int] | None, src: Path
+) -> list[int]:
     if bands is None:
         if ds.count == 1:
             return [1]
