@@ -601,7 +601,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device) -> Any:
     """Load ``IMLNet.from_pretrained(checkpoint)`` in eval mode on ``device``."""
     from imlnet.models.imlnet import IMLNet  # lazy: serving imports the model only here
 
-    return IMLNet.from_pretrained(checkpoint).to(device).eval()
+    return IMLNet.from_pretrained(checkpoint, map_location=device).to(device).eval()
 
 
 def eval_transform(view: str, size: int) -> Callable[[Image.Image], torch.Tensor]:
