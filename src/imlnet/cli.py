@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         if name in LIGHTNING_COMMANDS:
-            return int(module.cli_main([name, *rest]) or 0)
+            module.cli_main([name, *rest])
+            return 0
         return int(module.main(rest) or 0)
     except ImlnetError as err:
         print(f"imlnet {name}: error: {err}", file=sys.stderr)
