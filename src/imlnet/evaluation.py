@@ -149,9 +149,9 @@ def evaluate_retrieval(
         n_kept = len(gl)
         cap = max(1, CHUNK_ELEMENTS // n_kept)
         if dev.type == "cpu":
-            # Rank blocks of rows small enough to stay in cache; the matrix product takes at
-            # least MATMUL_ROWS queries at once so that a large gallery is read from memory
-            # once per MATMUL_ROWS queries, not once per block.
+            # The passes over the scores take blocks of rows small enough to stay in cache; the
+            # matrix product takes at least MATMUL_ROWS queries at once, so that a large
+            # gallery is read from memory once per MATMUL_ROWS queries, not once per block.
             sub = max(1, RANK_ELEMENTS // n_kept)
             step = chunk_size or min(max(sub, MATMUL_ROWS), cap)
         else:
@@ -162,14 +162,12 @@ def evaluate_retrieval(
             for start in range(0, n_queries, step):
                 stop = min(start + step, n_queries)
                 scores = torch.mm(qf[start:stop], gf.T, out=buffer[: stop - start])
-                for lo in range(start, stop, sub):
-                    hi = min(lo + sub, stop)
-                    rows = query_rows[lo:hi]
-                    n_good = table_counts[rows]
-                    ranks = good_ranks(scores[lo - start : hi - start], table[rows], n_good)
-                    first = torch.where(n_good > 0, ranks[:, 0], n_gallery)
-                    hits += (first[:, None] <= cutoffs[None, :]).sum(0)
-                    ap_sum += _average_precision(ranks, n_good).sum()
+                rows = query_rows[start:stop]
+                n_good = table_counts[rows]
+                ranks = good_ranks(scores, table[rows], n_good, block_rows=sub)
+                first = torch.where(n_good > 0, ranks[:, 0], n_gallery)
+                hits += (first[:, None] <= cutoffs[None, :]).sum(0)
+                ap_sum += _average_precision(ranks, n_good).sum()
     recall = (hits.double() * (100.0 / n_queries)).tolist()
     return {
         "R@1": recall[0],
@@ -180,7 +178,9 @@ def evaluate_retrieval(
     }
 
 
-def good_ranks(scores: Tensor, good_idx: Tensor, n_good: Tensor) -> Tensor:
+def good_ranks(
+    scores: Tensor, good_idx: Tensor, n_good: Tensor, *, block_rows: int | None = None
+) -> Tensor:
     """0-based ranks of each query's good items among all gallery items, in ranking order.
 
     The ranking is by descending score; among exactly equal scores the larger gallery index
@@ -191,6 +191,7 @@ def good_ranks(scores: Tensor, good_idx: Tensor, n_good: Tensor) -> Tensor:
         good_idx: ``(C, M)`` int64 gallery indices of each query's good items, ascending, padded
             on the right with any value (``G`` by convention).
         n_good: ``(C,)`` number of valid entries in each row of ``good_idx`` (0 allowed).
+        block_rows: rows per pass over ``scores`` (small blocks stay in cache); default all.
 
     Returns:
         ``(C, M)`` int64 ranks ``r_0 < r_1 < ...`` of the good items in ranking order; entries
@@ -208,24 +209,29 @@ def good_ranks(scores: Tensor, good_idx: Tensor, n_good: Tensor) -> Tensor:
     # indices are ascending, so flipping them and sorting stably by score gives exactly that.
     thr, order = torch.sort(good_scores.flip(1), dim=1, descending=True, stable=True)
     thr_idx = torch.where(valid, good_idx, n).flip(1).gather(1, order)
+    blocks = [(a, min(a + (block_rows or c), c)) for a in range(0, c, block_rows or c)]
     if m <= DIRECT_MAX_GOOD:
-        return _ranks_direct(scores, thr, thr_idx)
-    return _ranks_binned(scores, thr, thr_idx, n_good)
+        return _ranks_direct(scores, thr, thr_idx, blocks)
+    return _ranks_binned(scores, thr, thr_idx, n_good, blocks)
 
 
-def _ranks_direct(scores: Tensor, thr: Tensor, thr_idx: Tensor) -> Tensor:
+def _ranks_direct(
+    scores: Tensor, thr: Tensor, thr_idx: Tensor, blocks: list[tuple[int, int]]
+) -> Tensor:
     """Rank of each threshold: #{k: s_k > t} + #{k: s_k == t, k > j}, two passes per slot."""
-    ranks = torch.empty(thr.shape, dtype=torch.int64, device=scores.device)
-    for i in range(thr.shape[1]):  # over good-item slots (at most DIRECT_MAX_GOOD), not queries
-        t = thr[:, i : i + 1]
-        above = _count(scores > t)
-        ranks[:, i] = above
-        tied = (_count(scores >= t) > above + 1).nonzero().squeeze(1)  # another item equals t
-        if tied.numel():
-            cols = torch.arange(scores.shape[1], device=scores.device)
-            later = cols[None, :] > thr_idx[tied, i : i + 1]
-            ranks[tied, i] += _count((scores[tied] == t[tied]) & later)
-    return ranks
+    above = torch.empty(thr.shape, dtype=torch.int64, device=scores.device)
+    at_least = torch.empty_like(above)
+    for a, b in blocks:
+        for i in range(thr.shape[1]):  # good-item slots (at most DIRECT_MAX_GOOD), not queries
+            t = thr[a:b, i : i + 1]
+            above[a:b, i] = _count(scores[a:b] > t)
+            at_least[a:b, i] = _count(scores[a:b] >= t)
+    rows, slots = (at_least > above + 1).nonzero(as_tuple=True)  # another item equals t
+    if len(rows):
+        t = thr[rows, slots][:, None]
+        later = torch.arange(scores.shape[1], device=scores.device) > thr_idx[rows, slots][:, None]
+        above[rows, slots] += _count((scores[rows] == t) & later)
+    return above
 
 
 def _count(mask: Tensor) -> Tensor:
@@ -233,7 +239,9 @@ def _count(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
 
 
-def _ranks_binned(scores: Tensor, thr: Tensor, thr_idx: Tensor, n_good: Tensor) -> Tensor:
+def _ranks_binned(
+    scores: Tensor, thr: Tensor, thr_idx: Tensor, n_good: Tensor, blocks: list[tuple[int, int]]
+) -> Tensor:
     """Ranks of many good items per query from per-row buckets, exact.
 
     Each row gets a monotone bucket function ``f(s) = trunc(clamp((s + shift) * scale))`` whose
@@ -255,29 +263,34 @@ def _ranks_binned(scores: Tensor, thr: Tensor, thr_idx: Tensor, n_good: Tensor) 
     width = torch.maximum(hi - lo, 1e-2 * torch.maximum(hi.abs(), lo.abs()))
     scale = (bins / torch.where(width > 0, width, 1.0)).clamp(max=1e30)
     shift = 2.0 / scale - lo  # the lowest good score lands near bucket 2
-
-    u = scores + shift
-    u.mul_(scale).clamp_(0, nb - 1)
-    b = u.long()  # (c, n) bucket of every gallery item
-    del u
     valid = torch.arange(m, device=dev)[None, :] < n_good[:, None]
     tb = ((thr + shift) * scale).clamp(0, nb - 1).long()
     tb = torch.where(valid, tb, nb)  # padding goes to a dummy bucket
-
     ones = torch.ones((), dtype=torch.int64, device=dev)
-    hist = torch.zeros(c, nb, dtype=torch.int64, device=dev)
-    hist.scatter_add_(1, b, ones.expand(c, n))
-    ahead_of_bucket = n - hist.cumsum(1)  # #{k: f(s_k) > x}
     th_count = torch.zeros(c, nb + 1, dtype=torch.int64, device=dev)
     th_count.scatter_add_(1, tb, ones.expand(c, m))
     th_count = th_count[:, :nb]
-    ranks = ahead_of_bucket.gather(1, tb.clamp(max=nb - 1))  # items in strictly higher buckets
+    shared = th_count > 0  # buckets holding a good item
+
+    # The passes over the scores, a block of rows at a time: bucket of every item, histogram,
+    # and the (flat) positions and buckets of the items that share a bucket with a good item.
+    hist = torch.zeros(c, nb, dtype=torch.int64, device=dev)
+    flat_parts, bucket_parts = [], []
+    for a, b in blocks:
+        u = scores[a:b] + shift[a:b]
+        u.mul_(scale[a:b]).clamp_(0, nb - 1)
+        bucket = u.long()
+        hist[a:b].scatter_add_(1, bucket, ones.expand_as(bucket))
+        flat = shared[a:b].gather(1, bucket).view(-1).nonzero().squeeze(1)
+        bucket_parts.append(bucket.view(-1).index_select(0, flat))
+        flat_parts.append(flat + a * n)
+    ranks = (n - hist.cumsum(1)).gather(1, tb.clamp(max=nb - 1))  # items in higher buckets
 
     # Items sharing a bucket with good items: exact comparisons with those good items only.
     # Flat indices: advanced indexing with one 1-D index is much cheaper than with two.
-    flat = (th_count > 0).gather(1, b).view(-1).nonzero().squeeze(1)
+    flat = torch.cat(flat_parts)
     rows, cols = flat // n, flat % n
-    x = rows * nb + b.view(-1).index_select(0, flat)
+    x = rows * nb + torch.cat(bucket_parts)
     s = scores.reshape(-1).index_select(0, flat)
     first = (n_good[:, None] - th_count.cumsum(1)).view(-1).index_select(0, x)  # #{i: tb_i > x}
     count = th_count.reshape(-1).index_select(0, x)
