@@ -168,7 +168,7 @@ def evaluate_retrieval(
                 first = torch.where(n_good > 0, ranks[:, 0], n_gallery)
                 hits += (first[:, None] <= cutoffs[None, :]).sum(0)
                 ap_sum += _average_precision(ranks, n_good).sum()
-    recall = (hits.double() * (100.0 / n_queries)).tolist()
+    recall = (hits.double() / n_queries * 100.0).tolist()
     return {
         "R@1": recall[0],
         "R@5": recall[1],
