@@ -1,24 +1,75 @@
 """IML-Net losses: reconstruction, DRCL (batch-hard triplet on a fixed-radius hypersphere), id.
 
-Each loss is a small function; :class:`IMLNetObjective` runs the whole training objective of one
-batch and returns its parts by name (unweighted) plus ``"total"`` (weighted), so that the trainer
-logs every part.
+Each loss is a small function (mining, :func:`batch_hard_mine`, is separate from the loss, as in
+pytorch-metric-learning); :class:`IMLNetObjective` runs the whole training objective of one batch
+and returns its parts by name, unweighted, plus ``"total"`` (the weighted sum), so that the trainer
+logs every part. The exact rules are in docs/method.md.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from imlnet.models.imlnet import IMLNet, IMLNetOutput
+
 Triplet = Literal["drcl", "plain", "none"]
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the IRN's reconstruction and the satellite image."""
+    """Mean squared error over all pixels and channels of ``(B, 3, H, W)`` images (float32)."""
     return F.mse_loss(pred.float(), target.float())
+
+
+@dataclass
+class HardTriplets:
+    """The batch-hard triplet of every anchor.
+
+    Attributes:
+        d_ap: ``(N,)`` distance to the hardest (farthest) positive reference.
+        d_an: ``(N,)`` distance to the hardest (nearest) negative reference.
+        positive: ``(N,)`` index of that positive in the references.
+        negative: ``(N,)`` index of that negative in the references.
+        valid: ``(N,)`` the anchor has at least one positive and one negative reference.
+    """
+
+    d_ap: torch.Tensor
+    d_an: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    valid: torch.Tensor
+
+
+def batch_hard_mine(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    refs: torch.Tensor,
+    ref_labels: torch.Tensor,
+) -> HardTriplets:
+    """For each anchor, the farthest reference of its class and the nearest of another class.
+
+    Euclidean distances, computed exactly (no matrix-product shortcut) in float32.
+
+    Args:
+        anchors: ``(N, D)`` embeddings of one view (e.g. drone).
+        anchor_labels: ``(N,)`` class of each anchor.
+        refs: ``(M, D)`` embeddings of the other view (e.g. satellite).
+        ref_labels: ``(M,)`` class of each reference.
+    """
+    dist = torch.cdist(
+        anchors.float()[None], refs.float()[None], compute_mode="donot_use_mm_for_euclid_dist"
+    )[0]  # (N, M)
+    same = anchor_labels[:, None] == ref_labels[None, :]
+    big = torch.finfo(dist.dtype).max
+    d_ap, positive = torch.where(same, dist, -big).max(dim=1)
+    d_an, negative = torch.where(same, big, dist).min(dim=1)
+    valid = same.any(dim=1) & (~same).any(dim=1)
+    return HardTriplets(d_ap, d_an, positive, negative, valid)
 
 
 def batch_hard_triplet(
@@ -28,34 +79,28 @@ def batch_hard_triplet(
     ref_labels: torch.Tensor,
     margin: float,
 ) -> torch.Tensor:
-    """Batch-hard triplet loss with anchors from one view and references from the other.
+    """Batch-hard triplet loss, anchors from one view against references from the other.
 
-    For every anchor: the farthest reference of its class (hardest positive) and the nearest
-    reference of another class (hardest negative), Euclidean distances;
-    ``loss = mean(relu(d_ap - d_an + margin))`` over anchors that have both.
+    ``mean over anchors of relu(d(a, hardest p) - d(a, hardest n) + margin)``, counting only
+    anchors that have a positive and a negative reference (0 with a graph when none has).
 
     Args:
         anchors: ``(N, D)``; anchor_labels: ``(N,)``; refs: ``(M, D)``; ref_labels: ``(M,)``.
+        margin: the triplet margin, in the units of the embedding distances.
     """
-    dist = torch.cdist(anchors.float(), refs.float())  # (N, M)
-    same = anchor_labels[:, None] == ref_labels[None, :]
-    inf = torch.finfo(dist.dtype).max
-    d_ap = torch.where(same, dist, torch.full_like(dist, -inf)).amax(dim=1)
-    d_an = torch.where(same, torch.full_like(dist, inf), dist).amin(dim=1)
-    valid = same.any(dim=1) & (~same).any(dim=1)
-    if not bool(valid.any()):
-        return dist.sum() * 0.0  # keeps the graph; nothing to learn from this batch
-    return F.relu(d_ap - d_an + margin)[valid].mean()
+    mined = batch_hard_mine(anchors, anchor_labels, refs, ref_labels)
+    if not bool(mined.valid.any()):
+        return (anchors.float().sum() + refs.float().sum()) * 0.0  # nothing to learn here
+    return F.relu(mined.d_ap - mined.d_an + margin)[mined.valid].mean()
 
 
-def drcl_loss(
+def cross_view_triplet(
     drone: torch.Tensor, satellite: torch.Tensor, labels: torch.Tensor, margin: float
 ) -> torch.Tensor:
-    """DRCL: batch-hard triplet on radius-r descriptors, drone->satellite and satellite->drone.
+    """Batch-hard triplet drone -> satellite and satellite -> drone, averaged.
 
-    The descriptors lie on a sphere of fixed radius r, so every distance is in [0, 2r]: positives
-    are not pulled to zero, negatives not pushed to infinity (what the paper's distance
-    regularisation constraint asks).
+    Args:
+        drone: ``(B, D)``; satellite: ``(B, D)``; labels: ``(B,)`` building of each pair.
     """
     return 0.5 * (
         batch_hard_triplet(drone, labels, satellite, labels, margin)
@@ -63,33 +108,56 @@ def drcl_loss(
     )
 
 
+def drcl_loss(
+    drone_desc: torch.Tensor, sat_desc: torch.Tensor, labels: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """DRCL: the cross-view batch-hard triplet loss on descriptors of fixed radius r.
+
+    The descriptors (``IMLNetOutput.descriptor``, ``(B, D)``) lie on a sphere of radius r, so every
+    distance is in [0, 2r]: positives are not pulled to a point and negatives not pushed to
+    infinity, which is the paper's distance regularisation constraint.
+    """
+    return cross_view_triplet(drone_desc, sat_desc, labels, margin)
+
+
+def plain_triplet_loss(
+    drone_emb: torch.Tensor, sat_emb: torch.Tensor, labels: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """The same loss on the unnormalised embeddings (the ablation without the constraint)."""
+    return cross_view_triplet(drone_emb, sat_emb, labels, margin)
+
+
 def id_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of a building classifier."""
+    """Cross-entropy of a building classifier: ``(B, C)`` logits, ``(B,)`` labels (float32)."""
     return F.cross_entropy(logits.float(), labels)
 
 
 class IMLNetObjective(nn.Module):
-    """The IML-Net training objective of one batch.
+    """The IML-Net training objective of one batch of paired drone / satellite images.
 
-    ``total = w_rec * rec + w_drcl * triplet + w_id * id + w_crop * id_crops``
+    ``total = w_rec * rec + w_rec_satellite * rec_satellite + w_drcl * triplet + w_id * id
+    + w_crop * id_crops``; parts whose switch is off are absent.
 
-    - ``rec``: MSE between the IRN's reconstruction from the *drone* image and the satellite
-      image of the same building (plus ``w_rec_satellite`` x satellite autoencoding).
-    - ``triplet``: DRCL (``"drcl"``), the same on the unnormalised embeddings (``"plain"``), or
-      absent (``"none"``).
-    - ``id``: cross-entropy of the descriptor classifier and of the four unit classifiers, drone
-      and satellite originals.
-    - ``id_crops`` (MUML): the mutual-learning rule of CMAL-Net. The crop found by unit i trains
-      the classifiers of the *other* units j != i; the crop of the combined map trains all four
-      unit classifiers and the descriptor classifier. ``crop_units="random"`` uses one random
-      unit's crop per batch (plus the combined one), a cheaper approximation for CPU runs.
+    - ``rec`` (IRN): MSE between the reconstruction from the *drone* image's features and the
+      satellite image of the same building. ``rec_satellite`` (when ``w_rec_satellite > 0``):
+      satellite -> satellite autoencoding.
+    - ``triplet``: DRCL on the radius-r descriptors (``"drcl"``), the same on the unnormalised
+      embeddings (``"plain"``), or absent (``"none"``).
+    - ``id``: summed over the two domains, cross-entropy of the descriptor classifier plus the
+      mean over the four unit classifiers (MUML). Without MUML this is the baseline's loss.
+    - ``id_crops`` (MUML), the mutual-learning rule of CMAL-Net: the crop found by unit i trains
+      the classifiers of the *other* units (mean CE over j != i); the crop of the combined map
+      trains the descriptor classifier and all four unit classifiers (CE + mean CE). Per domain
+      these crop terms are averaged, then summed over the two domains. ``crop_units="random"``
+      uses one random unit's crop per batch (plus the combined one), a cheaper approximation.
 
     Args:
         triplet: ``"drcl"``, ``"plain"`` or ``"none"``.
-        margin: triplet margin (on distances in [0, 2r] for DRCL).
-        w_rec, w_drcl, w_id, w_crop, w_rec_satellite: loss weights.
-        crop_units: ``"all"`` (the paper) or ``"random"``.
-        seed: of the random unit choice (``crop_units="random"``).
+        margin: triplet margin (for DRCL in the units of the radius: distances lie in [0, 2r]).
+        w_rec, w_rec_satellite, w_drcl, w_id, w_crop: loss weights.
+        crop_units: ``"all"`` (every unit's crop, the paper) or ``"random"``.
+        seed: of the random unit choice; the draw of call k depends only on (seed, k), and k is
+            a buffer, so a resumed run continues the same sequence.
     """
 
     def __init__(
@@ -99,69 +167,110 @@ class IMLNetObjective(nn.Module):
         w_rec: float = 1.0,
         w_drcl: float = 1.0,
         w_id: float = 1.0,
-        w_crop: float = 0.5,
+        w_crop: float = 1.0,
         w_rec_satellite: float = 0.0,
         crop_units: Literal["all", "random"] = "all",
         seed: int = 0,
     ) -> None:
         super().__init__()
         if triplet not in ("drcl", "plain", "none"):
-            raise ValueError(f"triplet must be drcl, plain or none, got {triplet!r}")
-        self.triplet, self.margin = triplet, margin
-        self.w_rec, self.w_drcl, self.w_id, self.w_crop = w_rec, w_drcl, w_id, w_crop
-        self.w_rec_satellite, self.crop_units = w_rec_satellite, crop_units
-        self.generator = torch.Generator().manual_seed(seed)  # saved in checkpoints
-
-    def _unit_ce(self, unit_logits, labels, units) -> torch.Tensor:
-        return torch.stack([id_loss(unit_logits[j], labels) for j in units]).mean()
+            raise ValueError(f"triplet must be 'drcl', 'plain' or 'none', got {triplet!r}")
+        if crop_units not in ("all", "random"):
+            raise ValueError(f"crop_units must be 'all' or 'random', got {crop_units!r}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.triplet, self.margin = triplet, float(margin)
+        self.weights = {
+            "rec": float(w_rec),
+            "rec_satellite": float(w_rec_satellite),
+            "triplet": float(w_drcl),
+            "id": float(w_id),
+            "id_crops": float(w_crop),
+        }
+        self.crop_units, self.seed = crop_units, int(seed)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(
-        self, model: nn.Module, drone: torch.Tensor, satellite: torch.Tensor, labels: torch.Tensor
+        self,
+        model: IMLNet,
+        drone: torch.Tensor,
+        satellite: torch.Tensor,
+        labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Named loss parts of one batch of paired ``(B, 3, H, W)`` drone/satellite images."""
-        auto = model.irn_enabled and self.w_rec_satellite > 0
+        """Named loss parts of one batch.
+
+        Args:
+            model: the :class:`~imlnet.models.imlnet.IMLNet` being trained.
+            drone: ``(B, 3, H, W)`` drone images; satellite: ``(B, 3, H, W)`` satellite images of
+                the same buildings; labels: ``(B,)`` building indices.
+
+        Returns:
+            ``{"id", "triplet", "rec", "rec_satellite", "id_crops", "total"}`` (switched-off parts
+            absent), scalar float32 tensors.
+        """
+        auto = model.irn_enabled and self.weights["rec_satellite"] > 0
         out_d = model(drone, "drone", reconstruct=model.irn_enabled)
         out_s = model(satellite, "satellite", reconstruct=auto)
         parts: dict[str, torch.Tensor] = {}
-        ids = [id_loss(out_d.logits, labels), id_loss(out_s.logits, labels)]
-        if model.muml_enabled:
-            ids += [self._unit_ce(o.unit_logits, labels, range(4)) for o in (out_d, out_s)]
-        parts["id"] = torch.stack(ids).mean()
+        parts["id"] = self._id(out_d, labels) + self._id(out_s, labels)
         if self.triplet == "drcl":
             parts["triplet"] = drcl_loss(out_d.descriptor, out_s.descriptor, labels, self.margin)
         elif self.triplet == "plain":
-            parts["triplet"] = drcl_loss(out_d.embedding, out_s.embedding, labels, self.margin)
+            parts["triplet"] = plain_triplet_loss(
+                out_d.embedding, out_s.embedding, labels, self.margin
+            )
         if model.irn_enabled:
-            rec = reconstruction_loss(out_d.reconstruction, satellite)
+            parts["rec"] = reconstruction_loss(out_d.reconstruction, satellite)
             if auto:
-                rec = rec + self.w_rec_satellite * reconstruction_loss(
-                    out_s.reconstruction, satellite
-                )
-            parts["rec"] = rec
+                parts["rec_satellite"] = reconstruction_loss(out_s.reconstruction, satellite)
         if model.muml_enabled:
-            parts["id_crops"] = self._crop_losses(model, drone, satellite, labels, out_d, out_s)
-        weights = {
-            "id": self.w_id,
-            "triplet": self.w_drcl,
-            "rec": self.w_rec,
-            "id_crops": self.w_crop,
-        }
-        parts["total"] = sum(weights[k] * v for k, v in parts.items())
+            units = self._crop_units()
+            parts["id_crops"] = self._crops(model, drone, labels, out_d, "drone", units)
+            parts["id_crops"] = parts["id_crops"] + self._crops(
+                model, satellite, labels, out_s, "satellite", units
+            )
+        self.calls += 1
+        parts["total"] = sum(self.weights[k] * v for k, v in parts.items())
         return parts
 
-    def _crop_losses(self, model, drone, satellite, labels, out_d, out_s) -> torch.Tensor:
+    @staticmethod
+    def _id(out: IMLNetOutput, labels: torch.Tensor) -> torch.Tensor:
+        """CE of the descriptor classifier + mean CE of the unit classifiers (if any)."""
+        loss = id_loss(out.logits, labels)
+        if out.unit_logits:
+            loss = loss + torch.stack([id_loss(u, labels) for u in out.unit_logits]).mean()
+        return loss
+
+    def _crop_units(self) -> list[int]:
         if self.crop_units == "all":
-            units = [0, 1, 2, 3]
-        else:
-            units = [int(torch.randint(4, (), generator=self.generator))]
-        losses = []
-        for images, out, domain in ((drone, out_d, "drone"), (satellite, out_s, "satellite")):
-            crops = model.muml_crops(images, labels, domain, output=out)
-            for i in units:  # the crop of unit i teaches the other units
-                o = model(crops[f"unit{i + 1}"], domain, reconstruct=False)
-                losses.append(self._unit_ce(o.unit_logits, labels, [j for j in range(4) if j != i]))
-            o = model(crops["combined"], domain, reconstruct=False)  # the sum teaches all
-            losses.append(
-                0.5 * (self._unit_ce(o.unit_logits, labels, range(4)) + id_loss(o.logits, labels))
+            return [0, 1, 2, 3]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.calls))
+        return [int(torch.randint(4, (), generator=gen))]
+
+    def _crops(
+        self,
+        model: IMLNet,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        out: IMLNetOutput,
+        domain: Literal["drone", "satellite"],
+        units: list[int],
+    ) -> torch.Tensor:
+        """Mutual-learning id loss of one domain's crops (one forward pass for all of them)."""
+        crops = model.muml_crops(images, labels, domain, output=out)
+        names = [f"unit{i + 1}" for i in units] + ["combined"]
+        batch = torch.cat([crops[n] for n in names])
+        o = model(batch, domain, reconstruct=False)
+        b = images.shape[0]
+        terms = []
+        for s, i in enumerate(units):  # the crop found by unit i teaches the other units
+            part = slice(s * b, (s + 1) * b)
+            terms.append(
+                torch.stack(
+                    [id_loss(o.unit_logits[j][part], labels) for j in range(4) if j != i]
+                ).mean()
             )
-        return torch.stack(losses).mean()
+        part = slice(len(units) * b, (len(units) + 1) * b)  # the combined crop teaches all
+        comb = torch.stack([id_loss(u[part], labels) for u in o.unit_logits]).mean()
+        terms.append(id_loss(o.logits[part], labels) + comb)
+        return torch.stack(terms).mean()

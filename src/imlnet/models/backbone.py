@@ -1,19 +1,24 @@
-"""A torchvision ResNet split into the four *units* of the paper.
+"""A torchvision ResNet-family CNN split into the four *units* of the paper.
 
 For a 256 px input the units have spatial sizes 128 / 64 / 32 / 16:
 
-- U1 = conv1, bn1, relu                 -> C1 = 64        @ H/2
-- U2 = maxpool (indices kept) + layer1  -> C2 (64 | 256)  @ H/4
-- U3 = layer2                           -> C3 (128 | 512) @ H/8
-- U4 = layer3 + layer4, last stride 1   -> C4 (512 | 2048) @ H/16
+- U1 = conv1, bn1, relu                 -> 64 ch              @ H/2
+- U2 = maxpool (indices kept) + layer1  -> C2 (64 | 256)      @ H/4
+- U3 = layer2                           -> C3 (128 | 512)     @ H/8
+- U4 = layer3 + layer4, last stride 1   -> C4 (512 | 2048)    @ H/16
 
-The maxpool indices and its input size are kept so that the IRN decoder can *unpool* (put each
-value back at its arg-max). The last stride of layer4 is 1, as in the University-1652 baseline,
-which doubles the resolution of the last map (better attention maps and retrieval).
+The maxpool's arg-max indices and its input size are kept so that the IRN decoder can *unpool*
+(put each value back where the maximum was). The last stride of layer4 is 1, as in the
+University-1652 baseline run with ``--stride 1``: the last map keeps twice the resolution, which
+gives finer attention maps and better retrieval at the same parameter count.
+
+ImageNet weights are never downloaded: ``pretrained=True`` reads torchvision's cache file and a
+missing file raises :class:`~imlnet.errors.WeightsNotFoundError` naming where to put it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +28,8 @@ from torch import nn
 
 from imlnet.errors import CheckpointError, WeightsNotFoundError
 
-#: name -> (constructor, ImageNet weights enum member)
-ARCHITECTURES = {
+#: Supported architectures: name -> (torchvision constructor, ImageNet weights enum member).
+ARCHITECTURES: dict[str, tuple[Callable[..., tvm.ResNet], tvm.WeightsEnum]] = {
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1),
     "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1),
@@ -36,12 +41,13 @@ ARCHITECTURES = {
 
 @dataclass
 class UnitFeatures:
-    """The four unit maps of a batch, plus what the decoder needs to unpool.
+    """The four unit maps of a batch, plus what the IRN decoder needs to unpool.
 
     Attributes:
-        maps: ``(U1, U2, U3, U4)``, shapes ``(B, C_i, H / r_i, W / r_i)`` with r = 2, 4, 8, 16.
-        pool_indices: ``(B, 64, H / 4, W / 4)`` arg-max positions of the stem's maxpool.
-        pre_pool_size: spatial size ``(H / 2, W / 2)`` of the maxpool's input.
+        maps: ``(U1, U2, U3, U4)`` with shapes ``(B, C_i, H / r_i, W / r_i)``, r = 2, 4, 8, 16.
+        pool_indices: ``(B, 64, H / 4, W / 4)`` flat arg-max positions of the stem's maxpool
+            within each ``(H / 2) x (W / 2)`` input plane.
+        pre_pool_size: ``(H / 2, W / 2)``, the spatial size of the maxpool's input (= U1).
     """
 
     maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -50,48 +56,78 @@ class UnitFeatures:
 
 
 def cache_path(name: str) -> Path:
-    """Where torchvision keeps the ImageNet weights file of ``name`` (never downloaded here)."""
+    """Where torchvision's downloader would keep the ImageNet weights file of ``name``.
+
+    ``torch.hub.get_dir()/checkpoints/<file name of the weights URL>``; honours ``TORCH_HOME``.
+    """
     weights = ARCHITECTURES[name][1]
     return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` or torch file (``weights_only=True``: no code runs)."""
+    """Read a state dict from a ``.safetensors`` file or a torch file.
+
+    Torch files are read with ``weights_only=True`` (no code from the file runs). A dict holding
+    a ``"state_dict"`` entry (common training checkpoints) is unwrapped.
+
+    Raises:
+        WeightsNotFoundError: the file does not exist.
+        CheckpointError: the file cannot be read or holds no state dict.
+    """
     path = Path(path)
     if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {path} does not exist")
+        raise WeightsNotFoundError(
+            f"weights file {path} does not exist: pass the path of a torchvision state dict "
+            "(.pth) or .safetensors file, pretrained=true for torchvision's cache, or "
+            "pretrained=false for random weights"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read weights file {path}: {err}") from err
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and safetensors errors have no common base class
+        raise CheckpointError(
+            f"cannot read weights file {path} ({type(err).__name__}: {err}); it must be a "
+            "state dict saved with torch.save or safetensors"
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def _out_channels(layer: nn.Module) -> int:
+    """Output channels of a ResNet stage: the width of its last batch norm."""
+    return [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
 class UnitBackbone(nn.Module):
     """A torchvision ResNet-family network as four units (see the module docstring).
 
+    The interface follows timm: :meth:`forward_features` gives the last map, :meth:`forward_units`
+    all four, and :attr:`feature_info` their channels and reductions.
+
     Args:
         name: one of :data:`ARCHITECTURES`.
         pretrained: ``False`` (random init), ``True`` (ImageNet weights from torchvision's cache,
-            never downloaded) or a path to a weights file (``.pth``/``.pt``/``.safetensors``).
+            never downloaded) or the path of a weights file (``.pth``/``.pt``/``.safetensors``)
+            holding a torchvision state dict of the same architecture (``fc.*`` may be absent).
     """
 
-    def __init__(self, name: str = "resnet50", pretrained: bool | str = False) -> None:
+    def __init__(self, name: str = "resnet50", pretrained: bool | str | Path = False) -> None:
         super().__init__()
         if name not in ARCHITECTURES:
             raise ValueError(f"backbone must be one of {sorted(ARCHITECTURES)}, got {name!r}")
-        net: tvm.ResNet = ARCHITECTURES[name][0](weights=None)
-        if pretrained:
-            self._load(net, name, pretrained)
-        block = net.layer4[0]  # last stride 1: the stride sits in conv2 (bottleneck) or conv1
+        net = ARCHITECTURES[name][0](weights=None)
+        if pretrained is not False:
+            _load_into(net, name, pretrained)
+        # Last stride 1: the stride of layer4's first block sits in conv2 (bottleneck) or conv1
+        # (basic block), and in its downsample shortcut.
+        block = net.layer4[0]
         for conv in (getattr(block, "conv2", None), block.conv1):
             if conv is not None and conv.stride == (2, 2):
                 conv.stride = (1, 1)
@@ -99,59 +135,25 @@ class UnitBackbone(nn.Module):
             block.downsample[0].stride = (1, 1)
         self.name = name
         self.unit1 = nn.Sequential(net.conv1, net.bn1, net.relu)
+        # Same geometry as torchvision's maxpool (no weights), but it also returns the arg-max.
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, return_indices=True)
-        self.layer1, self.layer2, self.layer3, self.layer4 = (
-            net.layer1,
-            net.layer2,
-            net.layer3,
-            net.layer4,
-        )
-        c2 = net.layer1[-1].conv3.out_channels if hasattr(net.layer1[-1], "conv3") else 64
-        c3, c4 = c2 * 2, c2 * 8
-        #: channels and reduction of each unit (timm's ``feature_info``)
-        self.feature_info = [
-            {"num_chs": 64, "reduction": 2, "module": "unit1"},
-            {"num_chs": c2, "reduction": 4, "module": "unit2"},
-            {"num_chs": c3, "reduction": 8, "module": "unit3"},
-            {"num_chs": c4, "reduction": 16, "module": "unit4"},
+        self.layer1, self.layer2 = net.layer1, net.layer2
+        self.layer3, self.layer4 = net.layer3, net.layer4
+        chs = [net.bn1.num_features, *(_out_channels(m) for m in (net.layer1, net.layer2))]
+        chs.append(_out_channels(net.layer4))
+        #: channels and reduction of each unit, as timm's ``feature_info``
+        self.feature_info: list[dict[str, int | str]] = [
+            {"num_chs": c, "reduction": r, "module": f"unit{i + 1}"}
+            for i, (c, r) in enumerate(zip(chs, (2, 4, 8, 16), strict=True))
         ]
 
     @property
     def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self.feature_info]
-
-    @staticmethod
-    def _load(net: nn.Module, name: str, pretrained: bool | str) -> None:
-        if pretrained is True:
-            path = cache_path(name)
-            if not path.is_file():
-                url = ARCHITECTURES[name][1].url
-                raise WeightsNotFoundError(
-                    f"ImageNet weights for {name} are not on this machine: place {path.name}"
-                    f" at {path} (download it from {url} on a machine with internet), or pass "
-                    "pretrained=<path to a weights file>, or pretrained=false to start from "
-                    "random weights"
-                )
-        else:
-            path = Path(pretrained)
-        state = load_weights_file(path)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatch: weights of another architecture
-            raise CheckpointError(f"{path} does not fit a {name}: {err}") from err
-        # the ImageNet classifier (fc) may be absent; every other key must match, or
-        # a deeper network's weights (resnet34 -> resnet18) would load silently in part
-        missing = [k for k in missing if not k.startswith("fc.")]
-        unexpected = [k for k in unexpected if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path} is not a {name} state dict: {len(missing)} weights missing "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            )
+        """``[C1, C2, C3, C4]``, the channels of the four units."""
+        return [int(f["num_chs"]) for f in self.feature_info]
 
     def forward_units(self, x: torch.Tensor) -> UnitFeatures:
-        """``(B, 3, H, W)`` -> the four unit maps and the maxpool indices."""
+        """``(B, 3, H, W)`` -> the four unit maps, the maxpool indices and its input size."""
         u1 = self.unit1(x)
         pooled, indices = self.maxpool(u1)
         u2 = self.layer1(pooled)
@@ -160,8 +162,42 @@ class UnitBackbone(nn.Module):
         return UnitFeatures((u1, u2, u3, u4), indices, u1.shape[-2:])
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> U4 ``(B, C4, H / 16, W / 16)``."""
-        return self.forward_units(x).maps[3]
+        """``(B, 3, H, W)`` -> U4 ``(B, C4, H / 16, W / 16)``, the map the descriptor pools."""
+        x = self.maxpool(self.unit1(x))[0]
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_features`."""
         return self.forward_features(x)
+
+
+def _load_into(net: nn.Module, name: str, pretrained: bool | str | Path) -> None:
+    """Load ImageNet (or user) weights into a freshly built torchvision ``net``."""
+    if pretrained is True:
+        path = cache_path(name)
+        if not path.is_file():
+            url = ARCHITECTURES[name][1].url
+            raise WeightsNotFoundError(
+                f"ImageNet weights for {name} are not on this machine and are never downloaded: "
+                f"fetch {url} on a machine with internet and place it at {path} (or set "
+                "TORCH_HOME), or pass pretrained=<path to a weights file>, or pretrained=false "
+                "to start from random weights"
+            )
+    else:
+        path = Path(pretrained)
+    state = {k.removeprefix("module."): v for k, v in load_weights_file(path).items()}
+    try:
+        missing, _ = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape mismatch: weights of another architecture
+        raise CheckpointError(f"{path} does not fit a {name}: {err}") from err
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a torchvision {name} state dict: {len(missing)} weights are missing, "
+            f"e.g. {missing[:3]}"
+        )
+
+
+def build_backbone(name: str = "resnet50", pretrained: bool | str | Path = False) -> UnitBackbone:
+    """Build a :class:`UnitBackbone` (see its arguments)."""
+    return UnitBackbone(name, pretrained)

@@ -1,8 +1,9 @@
 """IML-Net: the four-unit encoder, the descriptor on a radius-r hypersphere, IRN and MUML.
 
 ``forward`` returns an :class:`IMLNetOutput`; ``encode`` gives the retrieval descriptor alone;
-``muml_crops`` the attention crops. With ``irn=False, muml=False`` and ``pool="avg"`` the model is
-exactly the University-1652 baseline (ResNet + ClassBlock), so every ablation row runs from here.
+``muml_crops`` the attention crops. With ``irn=False, muml=False, pool="avg"`` and a ResNet-50 the
+network is exactly the University-1652 baseline (ResNet-50 + ClassBlock), so every ablation row
+runs from this one class (docs/method.md).
 """
 
 from __future__ import annotations
@@ -20,20 +21,20 @@ from imlnet.errors import CheckpointError
 from imlnet.io import atomic_path, write_json
 from imlnet.models.backbone import UnitBackbone, UnitFeatures
 from imlnet.models.irn import IRNDecoder
-from imlnet.models.muml import (
-    UnitHead,
-    attention_boxes,
-    class_activation_map,
-    crop_resize,
-    normalize_maps,
-)
+from imlnet.models.muml import UnitHead, attention_maps, cam, combine_maps, crop_resize, mask_boxes
 
 Domain = Literal["drone", "satellite"]
+#: Written into config.json and the safetensors metadata; bumped on incompatible changes.
 FORMAT = "imlnet-model/1"
+#: Names of the crops :meth:`IMLNet.muml_crops` returns, in the order of its maps and boxes.
+CROP_NAMES = ("unit1", "unit2", "unit3", "unit4", "combined")
 
 
 class GeM(nn.Module):
-    """Generalised mean pooling ``(mean x^p)^(1/p)`` with a learnable ``p`` (Radenovic et al.)."""
+    """Generalised-mean pooling ``(mean x^p)^(1/p)`` with one learnable ``p`` (Radenović et al.).
+
+    ``(B, C, h, w)`` -> ``(B, C)``; p = 1 is average pooling, p -> inf max pooling.
+    """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
@@ -41,11 +42,16 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp_min(self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+        """``(B, C, h, w)`` -> ``(B, C)``, computed in float32 (pow overflows in half precision)."""
+        p = self.p.float()
+        return x.float().clamp_min(self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p).to(x.dtype)
 
 
 class AvgPool(nn.Module):
+    """Global average pooling ``(B, C, h, w)`` -> ``(B, C)`` (the baseline's pooling)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, C)``."""
         return x.mean(dim=(2, 3))
 
 
@@ -55,11 +61,12 @@ class IMLNetOutput:
 
     Attributes:
         descriptor: ``(B, D)`` on the sphere of radius ``r``: what retrieval and DRCL use.
-        embedding: ``(B, D)`` the bottleneck feature before normalisation (plain triplet).
+        embedding: ``(B, D)`` the bottleneck feature before normalisation (plain triplet, id).
         logits: ``(B, num_classes)`` of the descriptor classifier.
         unit_logits: four ``(B, num_classes)`` of the MUML unit classifiers (empty without MUML).
-        unit_maps: four head maps ``f_i`` ``(B, C', h_i, w_i)`` (empty without MUML).
-        reconstruction: ``(B, 3, H, W)`` from the IRN, or None.
+        unit_maps: the four head maps ``F_i`` ``(B, C', h_i, w_i)``, the CAMs' input (empty
+            without MUML).
+        reconstruction: ``(B, 3, H, W)`` from the IRN, or None (no IRN, or not asked for).
     """
 
     descriptor: torch.Tensor
@@ -70,22 +77,36 @@ class IMLNetOutput:
     reconstruction: torch.Tensor | None = None
 
 
+def _init_like_baseline(bottleneck: nn.Sequential, classifier: nn.Linear) -> None:
+    """Initialise as the University-1652 ClassBlock: kaiming fan-out, BN N(1, .02), N(0, .001)."""
+    linear, bn = bottleneck
+    nn.init.kaiming_normal_(linear.weight, a=0, mode="fan_out")
+    nn.init.zeros_(linear.bias)
+    nn.init.normal_(bn.weight, 1.0, 0.02)
+    nn.init.zeros_(bn.bias)
+    nn.init.normal_(classifier.weight, std=0.001)
+    nn.init.zeros_(classifier.bias)
+
+
 class IMLNet(nn.Module):
-    """IML-Net (see DESIGN.md and docs/method.md).
+    """IML-Net for drone <-> satellite retrieval (see DESIGN.md and docs/method.md).
 
     Args:
-        num_classes: training buildings.
+        num_classes: number of training buildings (classes of the id losses).
         backbone: torchvision architecture (:data:`imlnet.models.backbone.ARCHITECTURES`).
-        pretrained: ImageNet weights: False, True (torchvision cache) or a file path.
+        pretrained: ImageNet weights: False, True (torchvision's cache, never downloaded) or the
+            path of a weights file.
         share_weights: one encoder for both domains; False gives one per domain (the paper's
-            per-domain mappings f_i into a shared latent space; the heads stay shared).
-        pool: ``"gem"`` or ``"avg"`` pooling of U4.
-        descriptor_dim: D of the bottleneck and descriptor.
-        radius: r, the fixed radius of the DRCL hypersphere.
-        irn: build the IRN decoder.
-        muml: build the four unit heads (CAMs, crops, unit classifiers).
+            per-domain mappings into a shared latent space; descriptor head, IRN and MUML heads
+            stay shared).
+        pool: ``"gem"`` (learnable p, initial 3) or ``"avg"`` pooling of U4.
+        descriptor_dim: D of the bottleneck and the descriptor.
+        radius: r of the DRCL hypersphere on which descriptors lie.
+        irn: build the IRN decoder (reconstruction).
+        muml: build the four unit heads (unit classifiers, CAMs, crops).
         muml_channels: C' of the unit heads.
-        theta: CAM threshold; crop_padding: box padding ratio.
+        theta: threshold of the normalised CAMs, in [0, 1).
+        crop_padding: padding of a crop box, as a fraction of its size per side.
         dropout: before the descriptor classifier (the baseline's 0.5).
     """
 
@@ -106,30 +127,40 @@ class IMLNet(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
+        if int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if radius <= 0:
+        if not radius > 0:
             raise ValueError(f"radius must be positive, got {radius}")
-        self.config: dict[str, Any] = {
-            "num_classes": num_classes,
+        if pool not in ("gem", "avg"):
+            raise ValueError(f"pool must be 'gem' or 'avg', got {pool!r}")
+        if not 0.0 <= theta < 1.0:
+            raise ValueError(f"theta must be in [0, 1), got {theta}")
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if descriptor_dim < 1 or muml_channels < 1:
+            raise ValueError("descriptor_dim and muml_channels must be >= 1")
+        self._config: dict[str, Any] = {
+            "num_classes": int(num_classes),
             "backbone": backbone,
             "pretrained": pretrained,
             "share_weights": share_weights,
             "pool": pool,
-            "descriptor_dim": descriptor_dim,
-            "radius": radius,
+            "descriptor_dim": int(descriptor_dim),
+            "radius": float(radius),
             "irn": irn,
             "muml": muml,
-            "muml_channels": muml_channels,
-            "theta": theta,
-            "crop_padding": crop_padding,
-            "dropout": dropout,
+            "muml_channels": int(muml_channels),
+            "theta": float(theta),
+            "crop_padding": float(crop_padding),
+            "dropout": float(dropout),
         }
-        self.radius, self.descriptor_dim = float(radius), descriptor_dim
-        self.theta, self.crop_padding = theta, crop_padding
+        self.num_classes = int(num_classes)
+        self.radius = float(radius)
+        self.descriptor_dim = int(descriptor_dim)
+        self.theta, self.crop_padding = float(theta), float(crop_padding)
         if share_weights:
-            self.encoder = UnitBackbone(backbone, pretrained)
-            self.encoders = None
+            self.encoder: UnitBackbone | None = UnitBackbone(backbone, pretrained)
+            self.encoders: nn.ModuleDict | None = None
         else:
             self.encoder = None
             self.encoders = nn.ModuleDict(
@@ -140,7 +171,9 @@ class IMLNet(nn.Module):
         self.bottleneck = nn.Sequential(
             nn.Linear(channels[3], descriptor_dim), nn.BatchNorm1d(descriptor_dim)
         )
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(descriptor_dim, num_classes))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(descriptor_dim, num_classes)
+        _init_like_baseline(self.bottleneck, self.classifier)
         self.irn = IRNDecoder(channels) if irn else None
         self.heads = (
             nn.ModuleList(UnitHead(c, muml_channels, num_classes) for c in channels)
@@ -149,39 +182,54 @@ class IMLNet(nn.Module):
         )
 
     # ----------------------------------------------------------------- structure
-    def _encoder(self, domain: Domain) -> UnitBackbone:
-        if domain not in ("drone", "satellite"):
-            raise ValueError(f"domain must be 'drone' or 'satellite', got {domain!r}")
-        return self.encoder if self.encoder is not None else self.encoders[domain]
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the (pretrained) encoder(s): the optimiser gives them a lower rate."""
-        return list((self.encoder or self.encoders).parameters())
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments (a copy): ``IMLNet(**model.config)`` rebuilds the model."""
+        return dict(self._config)
 
     @property
     def irn_enabled(self) -> bool:
+        """Whether the IRN decoder exists."""
         return self.irn is not None
 
     @property
     def muml_enabled(self) -> bool:
+        """Whether the MUML unit heads exist."""
         return self.heads is not None
 
+    def _encoder(self, domain: Domain) -> UnitBackbone:
+        if domain not in ("drone", "satellite"):
+            raise ValueError(f"domain must be 'drone' or 'satellite', got {domain!r}")
+        if self.encoder is not None:
+            return self.encoder
+        return self.encoders[domain]  # type: ignore[index]
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the (pretrained) encoder(s), which optimisers give a lower rate."""
+        return list((self.encoder if self.encoder is not None else self.encoders).parameters())
+
     # ----------------------------------------------------------------- forward
-    def _head(self, u4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _head(self, u4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """U4 -> (descriptor on the radius-r sphere, embedding), both ``(B, D)``."""
         embedding = self.bottleneck(self.pool(u4))
-        descriptor = self.radius * F.normalize(embedding.float(), dim=1).to(embedding.dtype)
-        return descriptor, embedding, self.classifier(embedding)
+        unit = F.normalize(embedding.float(), dim=1)
+        return (self.radius * unit).to(embedding.dtype), embedding
 
     def forward(
         self, x: torch.Tensor, domain: Domain = "drone", reconstruct: bool | None = None
     ) -> IMLNetOutput:
-        """``(B, 3, H, W)`` images of one domain -> :class:`IMLNetOutput`.
+        """``(B, 3, H, W)`` images of one domain (H, W divisible by 32) -> :class:`IMLNetOutput`.
 
-        ``reconstruct`` (default: whenever the IRN exists) runs the decoder.
+        Args:
+            x: normalised images.
+            domain: which encoder (when ``share_weights=False``).
+            reconstruct: run the IRN decoder; default: whenever it exists.
         """
         units = self._encoder(domain).forward_units(x)
-        descriptor, embedding, logits = self._head(units.maps[3])
-        unit_maps, unit_logits = (), ()
+        descriptor, embedding = self._head(units.maps[3])
+        logits = self.classifier(self.dropout(embedding))
+        unit_maps: tuple[torch.Tensor, ...] = ()
+        unit_logits: tuple[torch.Tensor, ...] = ()
         if self.heads is not None:
             pairs = [head(m) for head, m in zip(self.heads, units.maps, strict=True)]
             unit_maps = tuple(p[0] for p in pairs)
@@ -192,10 +240,11 @@ class IMLNet(nn.Module):
         return IMLNetOutput(descriptor, embedding, logits, unit_logits, unit_maps, rec)
 
     def encode(self, x: torch.Tensor, domain: Domain = "drone") -> torch.Tensor:
-        """Retrieval descriptor ``(B, D)`` (radius r), without the IRN or MUML work."""
+        """Retrieval descriptors ``(B, D)`` of radius r of ``(B, 3, H, W)`` images (no IRN/MUML)."""
         return self._head(self._encoder(domain).forward_features(x))[0]
 
     def forward_units(self, x: torch.Tensor, domain: Domain = "drone") -> UnitFeatures:
+        """The encoder's four unit maps of ``(B, 3, H, W)`` images (for figures and analysis)."""
         return self._encoder(domain).forward_units(x)
 
     # ----------------------------------------------------------------- MUML
@@ -210,31 +259,30 @@ class IMLNet(nn.Module):
         """Normalised attention maps and crop boxes of the four units and of their sum.
 
         Args:
-            images: ``(B, 3, H, W)``; labels: ``(B,)`` target classes of the CAMs.
-            output: the forward pass of ``images`` if already computed (its head maps are used,
-                so no second pass updates batch-norm statistics).
+            images: ``(B, 3, H, W)``.
+            labels: ``(B,)`` target class of each CAM (the true building while training).
+            domain: which encoder.
+            output: the forward pass of ``images`` if already computed: its head maps are
+                reused, so no second pass runs (nor updates batch-norm statistics).
 
         Returns:
-            maps ``(5, B, H, W)`` in [0, 1] and boxes ``(5, B, 4)`` (x1, y1, x2, y2), rows
-            U1..U4 then the combined map (the normalised sum of the four).
+            maps ``(5, B, H, W)`` in [0, 1] and boxes ``(5, B, 4)`` ``(x1, y1, x2, y2)``; rows
+            U1..U4, then the combined map (the normalised sum of the four normalised maps).
         """
         if self.heads is None:
-            raise RuntimeError("attention maps need the MUML heads (muml=True)")
+            raise RuntimeError("attention maps need the MUML heads: build the model with muml=True")
         if output is None or not output.unit_maps:
             output = self.forward(images, domain, reconstruct=False)
-        size = tuple(images.shape[-2:])
-        maps = [
-            normalize_maps(
-                class_activation_map(f.float(), head.classifier.weight.float(), labels), size
-            )
-            for f, head in zip(output.unit_maps, self.heads, strict=True)
-        ]
-        total = torch.stack(maps).sum(0)
-        lo, hi = total.amin(dim=(1, 2), keepdim=True), total.amax(dim=(1, 2), keepdim=True)
-        maps.append((total - lo) / (hi - lo).clamp_min(1e-12))
-        maps_t = torch.stack(maps)
-        boxes = torch.stack([attention_boxes(m, self.theta, self.crop_padding) for m in maps_t])
-        return maps_t, boxes
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        maps = torch.stack(
+            [
+                attention_maps(cam(f.float(), head.classifier.weight.float(), labels), size)
+                for f, head in zip(output.unit_maps, self.heads, strict=True)
+            ]
+        )
+        maps = torch.cat([maps, combine_maps(maps)[None]])
+        boxes = torch.stack([mask_boxes(m, self.theta, self.crop_padding) for m in maps])
+        return maps, boxes
 
     @torch.no_grad()
     def muml_crops(
@@ -244,16 +292,23 @@ class IMLNet(nn.Module):
         domain: Domain = "drone",
         output: IMLNetOutput | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Attention crops ``(B, 3, H, W)`` per unit (``"unit1"``..``"unit4"``) and ``"combined"``,
-        plus ``"boxes"`` ``(5, B, 4)`` and ``"maps"`` ``(5, B, H, W)``."""
+        """MUML attention crops of ``(B, 3, H, W)`` images (no gradients).
+
+        Returns:
+            ``"unit1"`` .. ``"unit4"`` and ``"combined"``: crops ``(B, 3, H, W)`` resized to the
+            input size; ``"boxes"`` ``(5, B, 4)`` and ``"maps"`` ``(5, B, H, W)`` in that order.
+        """
         maps, boxes = self.attention(images, labels, domain, output)
-        names = ("unit1", "unit2", "unit3", "unit4", "combined")
-        crops = {n: crop_resize(images, b) for n, b in zip(names, boxes, strict=True)}
+        crops = {n: crop_resize(images, b) for n, b in zip(CROP_NAMES, boxes, strict=True)}
         return {**crops, "boxes": boxes, "maps": maps}
 
     # ----------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (atomically)."""
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically.
+
+        The saved config has ``pretrained=False``: the weights are in the file, so loading needs
+        no ImageNet file.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -261,13 +316,22 @@ class IMLNet(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_path(directory / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": FORMAT})
-        config = {**self.config, "pretrained": False, "format": FORMAT}
-        write_json(directory / "config.json", config)
+        write_json(
+            directory / "config.json", {**self.config, "pretrained": False, "format": FORMAT}
+        )
         return directory
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> IMLNet:
-        """Load a model written by :meth:`save_pretrained` (the folder or its safetensors file)."""
+        """Load a model written by :meth:`save_pretrained`, in eval mode.
+
+        Args:
+            path: the folder, or its ``model.safetensors`` (``config.json`` must sit beside it).
+            map_location: device of the loaded weights.
+
+        Raises:
+            CheckpointError: a file is missing or corrupt, or the weights do not match the config.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -281,21 +345,23 @@ class IMLNet(nn.Module):
                     "written by IMLNet.save_pretrained (training exports one to <log dir>/export)"
                 )
         try:
-            config = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-        if config.pop("format", None) != FORMAT:
+        if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
             raise CheckpointError(f"{config_file} is not an imlnet model config ({FORMAT})")
         try:
             model = cls(**config)
-        except TypeError as err:
-            raise CheckpointError(f"{config_file} has unknown or missing keys: {err}") from err
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{config_file} has unknown, missing or bad keys: {err}") from err
         try:
             state = load_file(str(weights), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{weights} is corrupt or not a safetensors file: {err}") from err
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise CheckpointError(f"{weights} does not match {config_file}: {err}") from err
-        return model
+            raise CheckpointError(
+                f"{weights} does not match {config_file} (saved by another model?): {err}"
+            ) from err
+        return model.to(map_location).eval()

@@ -1,12 +1,15 @@
 """MUML: multi-unit mutual learning with class activation maps and attention crops.
 
-Each unit i gets a head f_i = (1x1 reduction) -> conv3x3 -> BN -> ELU and a classifier over the
-training buildings. For an image and its building c, the class activation map of unit i is
-``CAM_i(x, y) = sum_k w_k^c F_i,k(x, y)`` (F_i the head's map, w^c the classifier's row of c). It is
-resized to the input with a bilinear kernel, min-max normalised, thresholded at ``theta``; the
-bounding box of the mask, padded, is cropped from the input and resized back to the input size.
-These crops are extra training samples with the same label (see ``IMLNetObjective`` for the
-mutual-learning rule). Everything here is vectorised over the batch.
+Each unit i gets a head f_i = (1x1 reduction) -> conv3x3 -> BN -> ELU and, after global average
+pooling, a linear classifier over the training buildings. For an image of building c, the class
+activation map of unit i is ``CAM_i(x, y) = sum_k w_k^c F_i,k(x, y)`` (F_i the head's map, w^c the
+classifier's row of c; with average pooling the logit of c is the mean of this map plus a bias,
+which is what makes it a CAM). The map is resized to the input with a bilinear kernel, min-max
+normalised per image, thresholded at ``theta``; the bounding box of the mask, padded, is cropped
+from the input and resized back to the input size. These crops are extra training samples with
+the same label (the mutual-learning rule is in :class:`imlnet.losses.IMLNetObjective`).
+
+Everything here works on whole batches at once: no Python loop over images.
 """
 
 from __future__ import annotations
@@ -18,91 +21,137 @@ from torchvision.ops import roi_align
 
 
 class UnitHead(nn.Module):
-    """``f_i``: ``(B, C_i, h, w)`` -> map ``(B, C', h, w)`` and logits ``(B, num_classes)``."""
+    """``f_i`` and its classifier: ``(B, C_i, h, w)`` -> map ``(B, C', h, w)``, logits ``(B, N)``.
+
+    When ``C_i > C'`` a linear 1x1 convolution reduces the channels first (cheaper; the head is
+    then still one factorised conv3x3 -> BN -> ELU, as in the paper).
+
+    Args:
+        in_channels: C_i of the unit map.
+        channels: C' of the head's map (the CAM's channels).
+        num_classes: N training buildings.
+    """
 
     def __init__(self, in_channels: int, channels: int, num_classes: int) -> None:
         super().__init__()
         reduce = in_channels > channels
         self.reduce = nn.Conv2d(in_channels, channels, 1, bias=False) if reduce else nn.Identity()
-        width = channels if reduce else in_channels
-        self.conv = nn.Conv2d(width, channels, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(
+            channels if reduce else in_channels, channels, 3, padding=1, bias=False
+        )
         self.bn = nn.BatchNorm2d(channels)
         self.act = nn.ELU(inplace=True)
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit map -> (head map ``F_i``, logits of its globally average-pooled vector)."""
         fmap = self.act(self.bn(self.conv(self.reduce(x))))
         return fmap, self.classifier(fmap.mean(dim=(2, 3)))
 
 
-def class_activation_map(
-    fmap: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """``CAM(x, y) = sum_k w_k^c F_k(x, y)`` for each image's class ``c = target[b]``.
+def cam(unit_map: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Class activation map ``CAM(x, y) = sum_k w_k^c F_k(x, y)`` for each image's class.
 
     Args:
-        fmap: ``(B, C, h, w)``; weight: ``(num_classes, C)``; target: ``(B,)`` class indices.
+        unit_map: ``(B, C, h, w)`` head maps F.
+        weights: ``(num_classes, C)`` classifier weights.
+        target: ``(B,)`` class index c of each image.
 
     Returns:
         ``(B, h, w)``.
     """
-    return torch.einsum("bchw,bc->bhw", fmap, weight[target])
+    return torch.einsum("bchw,bc->bhw", unit_map, weights[target].to(unit_map.dtype))
 
 
-def normalize_maps(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+#: Alias of :func:`cam` under its descriptive name.
+class_activation_map = cam
+
+
+def attention_maps(cams: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize ``(B, h, w)`` -> ``(B, H, W)``, then per-image min-max to [0, 1].
 
-    A flat map becomes all zeros (no region stands out).
+    A flat map becomes all zeros: no region stands out, so no box is found (full image).
     """
-    up = F.interpolate(cams[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    up = F.interpolate(
+        cams[:, None].float(), size=tuple(image_size), mode="bilinear", align_corners=False
+    )[:, 0]
     lo = up.amin(dim=(1, 2), keepdim=True)
     hi = up.amax(dim=(1, 2), keepdim=True)
     return (up - lo) / (hi - lo).clamp_min(1e-12) * (hi > lo)
 
 
-def attention_boxes(maps: torch.Tensor, theta: float = 0.5, pad: float = 0.1) -> torch.Tensor:
-    """Bounding boxes of ``maps > theta``, padded by ``pad`` x their size, clipped to the image.
+def combine_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalised sum over units: ``(U, B, H, W)`` normalised maps -> ``(B, H, W)``."""
+    total = maps.sum(dim=0)
+    lo = total.amin(dim=(1, 2), keepdim=True)
+    hi = total.amax(dim=(1, 2), keepdim=True)
+    return (total - lo) / (hi - lo).clamp_min(1e-12) * (hi > lo)
+
+
+def mask_boxes(maps: torch.Tensor, theta: float = 0.5, pad: float = 0.1) -> torch.Tensor:
+    """Bounding boxes of ``maps > theta``, padded and clipped to the image.
 
     Args:
         maps: ``(B, H, W)`` normalised attention maps in [0, 1].
+        theta: threshold of the mask.
+        pad: each side moves out by ``pad`` x the box's width (x) or height (y).
 
     Returns:
-        ``(B, 4)`` float boxes ``(x1, y1, x2, y2)`` in pixel edge coordinates (a box covering
-        pixel columns a..b has x1 = a, x2 = b + 1). An empty mask gives the whole image.
+        ``(B, 4)`` float boxes ``(x1, y1, x2, y2)`` in pixel-edge coordinates: a box over pixel
+        columns a..b has ``x1 = a, x2 = b + 1``. An empty mask gives the whole image.
     """
     _, h, w = maps.shape
     mask = maps > theta
     rows, cols = mask.any(dim=2), mask.any(dim=1)  # (B, H), (B, W)
-    y1 = rows.float().argmax(dim=1)
-    y2 = h - rows.flip(1).float().argmax(dim=1)
-    x1 = cols.float().argmax(dim=1)
-    x2 = w - cols.flip(1).float().argmax(dim=1)
+    # argmax returns the first maximal index: the first True row/column from either end.
+    y1 = rows.byte().argmax(dim=1)
+    y2 = h - rows.flip(1).byte().argmax(dim=1)
+    x1 = cols.byte().argmax(dim=1)
+    x2 = w - cols.flip(1).byte().argmax(dim=1)
     box = torch.stack([x1, y1, x2, y2], dim=1).float()
-    empty = ~rows.any(dim=1)
-    box[empty] = torch.tensor([0.0, 0.0, float(w), float(h)], device=maps.device)
-    bw, bh = (box[:, 2] - box[:, 0]) * pad, (box[:, 3] - box[:, 1]) * pad
-    box = box + torch.stack([-bw, -bh, bw, bh], dim=1)
-    limit = torch.tensor([w, h, w, h], device=maps.device, dtype=box.dtype)
-    return torch.minimum(box.clamp_min(0), limit)
+    full = torch.tensor([0.0, 0.0, float(w), float(h)], device=maps.device)
+    box = torch.where(rows.any(dim=1)[:, None], box, full)
+    px, py = (box[:, 2] - box[:, 0]) * pad, (box[:, 3] - box[:, 1]) * pad
+    box = box + torch.stack([-px, -py, px, py], dim=1)
+    limit = torch.tensor([float(w), float(h), float(w), float(h)], device=maps.device)
+    return torch.minimum(box.clamp_min(0.0), limit)
+
+
+def attention_boxes(
+    cams: torch.Tensor, image_size: tuple[int, int], theta: float = 0.5, pad: float = 0.1
+) -> torch.Tensor:
+    """Crop boxes of CAMs: upsample, normalise, threshold, box, pad (see :func:`mask_boxes`).
+
+    Args:
+        cams: ``(B, h, w)`` class activation maps (any scale).
+        image_size: ``(H, W)`` of the input images.
+        theta: threshold on the normalised map; pad: padding ratio of the box.
+
+    Returns:
+        ``(B, 4)`` boxes ``(x1, y1, x2, y2)`` in input pixel-edge coordinates; a flat map (or one
+        with nothing above ``theta``) gives the full image.
+    """
+    return mask_boxes(attention_maps(cams, image_size), theta, pad)
 
 
 def crop_resize(
     images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """Crop ``boxes`` ``(B, 4)`` out of ``images`` ``(B, 3, H, W)`` and resize to ``size``.
+    """Crop one box per image and resize it (bilinear), all in one ``roi_align`` call.
 
-    Bilinear ``roi_align`` (box edges in pixel coordinates, ``aligned=True``, adaptive samples per
-    output pixel, so a crop the size of the output returns its pixels exactly), one
-    box per image, all in one call.
+    Args:
+        images: ``(B, 3, H, W)``.
+        boxes: ``(B, 4)`` ``(x1, y1, x2, y2)`` in pixel-edge coordinates.
+        size: ``(H', W')`` of the crops; default the input size.
+
+    Returns:
+        ``(B, 3, H', W')`` in the dtype of ``images``. ``aligned=True`` with adaptive sampling
+        makes a box as large as the output return its pixels exactly.
     """
-    size = size or tuple(images.shape[-2:])
-    idx = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype)[:, None]
-    rois = torch.cat([idx, boxes.to(images.dtype)], dim=1)
-    return roi_align(
-        images,
-        rois.to(images.dtype),
-        output_size=size,
-        spatial_scale=1.0,
-        sampling_ratio=-1,
-        aligned=True,
+    size = tuple(size) if size is not None else tuple(images.shape[-2:])
+    idx = torch.arange(images.shape[0], device=images.device, dtype=torch.float32)[:, None]
+    rois = torch.cat([idx, boxes.float()], dim=1)
+    out = roi_align(
+        images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
     )
+    return out.to(images.dtype)
