@@ -102,7 +102,11 @@ def test_bad_weights_files_raise_clear_errors(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"garbage\.pth"):
         UnitBackbone("resnet18", pretrained=str(garbage))
     _, r18 = _resnet18_file(tmp_path)
-    with pytest.raises(CheckpointError, match=r"r18\.pth"):  # resnet18 weights into a resnet34
+    with pytest.raises(CheckpointError, match=r"r18\.pth.* 0 unexpected"):  # r18 into r34: missing
         UnitBackbone("resnet34", pretrained=str(r18))
+    r34 = tmp_path / "r34.pth"
+    torch.save(tvm.resnet34(weights=None).state_dict(), r34)
+    with pytest.raises(CheckpointError, match=r"0 weights missing .* unexpected"):  # r34 into r18
+        UnitBackbone("resnet18", pretrained=str(r34))
     with pytest.raises(ValueError, match="backbone must be one of"):
         UnitBackbone("vgg16")

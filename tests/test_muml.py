@@ -148,3 +148,12 @@ def test_crop_resize_upsampling_matches_bilinear_interpolation(dtype: torch.dtyp
     torch.testing.assert_close(
         crops[1, :, 4:-4, 4:-4].float(), ref1[0, :, 4:-4, 4:-4], atol=tol, rtol=0
     )
+
+
+def test_constant_maps_stay_flat_despite_resize_rounding() -> None:
+    # Bilinear resizing of a constant map rounds (2.5 -> 2.5 +- 2.4e-7 in float32); min-max must
+    # not blow that up into a region: every constant map falls back to the full image.
+    cams = torch.stack([torch.full((4, 4), 2.5), torch.zeros(4, 4), torch.full((4, 4), -0.1)])
+    boxes = attention_boxes(cams, (32, 48))
+    assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 48.0, 32.0]] * 3))
+    assert float(attention_maps(cams, (32, 48)).abs().max()) == 0.0

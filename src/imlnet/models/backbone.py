@@ -187,14 +187,16 @@ def _load_into(net: nn.Module, name: str, pretrained: bool | str | Path) -> None
         path = Path(pretrained)
     state = {k.removeprefix("module."): v for k, v in load_weights_file(path).items()}
     try:
-        missing, _ = net.load_state_dict(state, strict=False)
+        missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a shape mismatch: weights of another architecture
         raise CheckpointError(f"{path} does not fit a {name}: {err}") from err
+    # The ImageNet classifier (fc) is not used and may be absent; anything else must match.
     missing = [k for k in missing if not k.startswith("fc.")]
-    if missing:
+    unexpected = [k for k in unexpected if not k.startswith("fc.")]
+    if missing or unexpected:
         raise CheckpointError(
-            f"{path} is not a torchvision {name} state dict: {len(missing)} weights are missing, "
-            f"e.g. {missing[:3]}"
+            f"{path} is not a torchvision {name} state dict: {len(missing)} weights missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
 
 

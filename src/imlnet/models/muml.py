@@ -75,17 +75,27 @@ def attention_maps(cams: torch.Tensor, image_size: tuple[int, int]) -> torch.Ten
     up = F.interpolate(
         cams[:, None].float(), size=tuple(image_size), mode="bilinear", align_corners=False
     )[:, 0]
-    lo = up.amin(dim=(1, 2), keepdim=True)
-    hi = up.amax(dim=(1, 2), keepdim=True)
-    return (up - lo) / (hi - lo).clamp_min(1e-12) * (hi > lo)
+    return _min_max(up)
+
+
+#: Relative spread below which a map counts as flat: float32 rounding of the bilinear resize
+#: (a constant 2.5 comes back as 2.5 +- 2.4e-7) must not be blown up into a region.
+FLAT_TOLERANCE = 1e-5
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max normalisation of ``(B, H, W)`` to [0, 1]; (nearly) flat maps -> 0."""
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    hi = maps.amax(dim=(1, 2), keepdim=True)
+    spread = hi - lo
+    scale = torch.maximum(hi.abs(), lo.abs())
+    flat = spread <= FLAT_TOLERANCE * scale + torch.finfo(maps.dtype).tiny
+    return torch.where(flat, torch.zeros_like(maps), (maps - lo) / spread.clamp_min(1e-30))
 
 
 def combine_maps(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalised sum over units: ``(U, B, H, W)`` normalised maps -> ``(B, H, W)``."""
-    total = maps.sum(dim=0)
-    lo = total.amin(dim=(1, 2), keepdim=True)
-    hi = total.amax(dim=(1, 2), keepdim=True)
-    return (total - lo) / (hi - lo).clamp_min(1e-12) * (hi > lo)
+    return _min_max(maps.sum(dim=0))
 
 
 def mask_boxes(maps: torch.Tensor, theta: float = 0.5, pad: float = 0.1) -> torch.Tensor:
