@@ -5,7 +5,9 @@ with random weights (no download), then times one training step of ``IMLNetObjec
 the drone and satellite originals, MUML crops and their forward passes, reconstruction, all loss
 parts, and the backward pass (no optimiser step), as the trainer runs it. It also times ``encode``
 (descriptor only, eval mode, no gradients) of one batch of images. Medians over ``--repeats``
-timed runs after one warm-up. Prints a Markdown table and writes bench/results/model_speed.json.
+timed runs after ``--warmup`` untimed training steps (and one untimed encode); the training
+throughput is reported as drone+satellite pairs per second (batch / median step time). Prints a
+Markdown table and writes bench/results/model_speed.json.
 
     python bench/model_speed.py                                    # resnet50, 256 px, batch 8
     python bench/model_speed.py --size 128 --batch 4 --configs baseline imlnet
@@ -27,7 +29,7 @@ import torch
 
 from imlnet.io import write_json
 from imlnet.losses import IMLNetObjective
-from imlnet.models import IMLNet
+from imlnet.models import ARCHITECTURES, IMLNet
 
 #: name -> (model switches, objective switches)
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -50,9 +52,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -90,7 +93,7 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    train = timed(train_step, device, args.repeats)
+    train = timed(train_step, device, args.repeats, args.warmup)
     model.eval()
     enc = timed(encode, device, args.repeats)
     row = {
@@ -102,6 +105,7 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device) -> d
         "train_step_s": round(statistics.median(train), 3),
         "train_step_s_all": [round(t, 3) for t in train],
         "images_per_train_step": 2 * args.batch,
+        "train_pairs_per_s": round(args.batch / statistics.median(train), 3),
         "encode_ms_per_image": round(1000 * statistics.median(enc) / args.batch, 2),
     }
     if device.type == "cuda":
@@ -112,12 +116,13 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=["baseline", "imlnet"], choices=list(CONFIGS))
-    ap.add_argument("--backbone", default="resnet50")
+    ap.add_argument("--backbone", default="resnet50", choices=sorted(ARCHITECTURES))
     ap.add_argument("--size", type=int, default=256, help="image side (divisible by 32)")
     ap.add_argument("--batch", type=int, default=8, help="drone/satellite pairs per step")
     ap.add_argument("--classes", type=int, default=701, help="701 = University-1652 train")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -134,16 +139,21 @@ def main() -> None:
         "torch": torch.__version__,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
-    settings = {k: getattr(args, k) for k in ("backbone", "size", "batch", "classes", "repeats")}
+    settings = {
+        k: getattr(args, k) for k in ("backbone", "size", "batch", "classes", "repeats", "warmup")
+    }
     settings.update(precision=args.precision, channels_last=args.channels_last)
     write_json(args.out, {"machine": machine, "settings": settings, "rows": rows})
     print(f"{machine} {settings}")
-    print("| config | params | encoder | IRN | MUML | train step s | encode ms/img |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| config | params | encoder | IRN | MUML | train step s | train pairs/s | encode ms/img |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['config']} | {r['params_total']:,} | {r['params_encoder']:,} | "
             f"{r['params_irn']:,} | {r['params_muml']:,} | {r['train_step_s']} | "
+            f"{r['train_pairs_per_s']} | "
             f"{r['encode_ms_per_image']} |"
         )
     print(f"wrote {args.out}")
