@@ -308,6 +308,7 @@ class CrossViewDataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # leave the global RNG alone
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -1,0 +1,335 @@
+"""Training IML-Net with Lightning, and the ``imlnet fit/validate/test`` commands (LightningCLI).
+
+Lightning does the loop, DDP, mixed precision, checkpoints, progress and logs; this file holds only
+what is specific to the method: the IML-Net objective per batch, the retrieval metrics of the
+official University-1652 protocol at validation/test time, and the export of the best model as
+safetensors (:meth:`imlnet.models.imlnet.IMLNet.save_pretrained`) for the serving commands.
+
+Resuming: the checkpoint carries torch's global random state, and the training loader's position
+within its epoch (:class:`imlnet.data.datamodule.CrossViewDataModule` gives a resumable loader), so
+a run killed mid-epoch and resumed from its last checkpoint ends exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from imlnet.evaluation import evaluate_views
+from imlnet.losses import IMLNetObjective
+from imlnet.models.imlnet import IMLNet
+
+
+def _domain(view: str) -> Literal["drone", "satellite"]:
+    return "drone" if "drone" in view else "satellite"
+
+
+class IMLNetModule(L.LightningModule):
+    """IML-Net training and evaluation.
+
+    Args (model; see :class:`~imlnet.models.imlnet.IMLNet`):
+        num_classes: training buildings (linked from the datamodule by the CLI).
+        backbone, pretrained, share_weights, pool, descriptor_dim, radius, irn, muml,
+        muml_channels, theta, crop_padding, dropout: the model's switches; ``None`` keeps the
+        model's default.
+    Args (objective; see :class:`~imlnet.losses.IMLNetObjective`):
+        triplet: ``"drcl"`` (the paper), ``"plain"`` (unnormalised batch-hard) or ``"none"``.
+        margin, w_rec, w_drcl, w_id, w_crop: margin and loss weights; ``None`` = the default.
+        crop_units: MUML crops of all four units per batch (the paper) or of one random unit.
+    Args (optimisation):
+        optimizer: ``"sgd"`` (the University-1652 baseline: momentum, nesterov) or ``"adamw"``.
+        lr: learning rate of the new layers; the pretrained backbone gets ``lr * backbone_lr_mult``.
+        scheduler: ``"step"`` (x ``gamma`` every ``step_size`` epochs, the baseline), ``"cosine"``
+            (to 0 at ``trainer.max_epochs``) or ``"none"``; ``warmup_epochs`` of linear warm-up.
+        eval_protocol: ``"official"`` University-1652 protocol or ``"sample4geo"``.
+        export_dir: where the best model is saved as safetensors (default: ``<log dir>/export``).
+        channels_last: NHWC memory format (faster convolutions with AMP on GPUs).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        backbone: str = "resnet50",
+        pretrained: bool | str = False,
+        share_weights: bool = True,
+        pool: Literal["gem", "avg"] = "gem",
+        descriptor_dim: int = 512,
+        radius: float | None = None,
+        irn: bool = True,
+        muml: bool = True,
+        muml_channels: int = 512,
+        theta: float = 0.5,
+        crop_padding: float = 0.1,
+        dropout: float = 0.5,
+        triplet: Literal["drcl", "plain", "none"] = "drcl",
+        margin: float | None = None,
+        w_rec: float | None = None,
+        w_drcl: float | None = None,
+        w_id: float | None = None,
+        w_crop: float | None = None,
+        crop_units: Literal["all", "random"] = "all",
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.01,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        scheduler: Literal["step", "cosine", "none"] = "step",
+        step_size: int = 80,
+        gamma: float = 0.1,
+        warmup_epochs: int = 0,
+        eval_protocol: Literal["official", "sample4geo"] = "official",
+        monitor: str = "val/R@1",
+        export_dir: str | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = IMLNet(
+            **self._drop_none(
+                num_classes=num_classes,
+                backbone=backbone,
+                pretrained=pretrained,
+                share_weights=share_weights,
+                pool=pool,
+                descriptor_dim=descriptor_dim,
+                radius=radius,
+                irn=irn,
+                muml=muml,
+                muml_channels=muml_channels,
+                theta=theta,
+                crop_padding=crop_padding,
+                dropout=dropout,
+            )
+        )
+        self.objective = IMLNetObjective(
+            **self._drop_none(
+                triplet=triplet, margin=margin, w_rec=w_rec, w_drcl=w_drcl, w_id=w_id, w_crop=w_crop
+            )
+        )
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._features: dict[int, list[torch.Tensor]] = {}
+        self._labels: dict[int, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def _drop_none(**kwargs: Any) -> dict[str, Any]:
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    # ------------------------------------------------------------------ training
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        parts = self.objective(
+            self.model,
+            self._prepare(batch["drone"]),
+            self._prepare(batch["satellite"]),
+            batch["label"],
+        )
+        bs = batch["label"].shape[0]
+        for name, value in parts.items():
+            self.log(
+                f"train/{name}",
+                value.detach(),
+                batch_size=bs,
+                prog_bar=name == "total",
+                on_step=True,
+                on_epoch=True,
+                sync_dist=False,
+            )
+        return parts["total"]
+
+    # ------------------------------------------------------------------ evaluation
+    def _views(self, stage: str) -> tuple[str, ...]:
+        dm = getattr(self.trainer, "datamodule", None)
+        default = (
+            ("query_drone", "gallery_satellite")
+            if stage == "val"
+            else ("query_drone", "gallery_satellite", "query_satellite", "gallery_drone")
+        )
+        return tuple(getattr(dm, f"{stage}_views", default))
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, idx: int) -> None:
+        """Official feature: descriptor of the image plus of its mirror image, L2-normalised."""
+        x = self._prepare(batch["image"])
+        domain = _domain(self._views(stage)[idx])
+        feat = self.model.encode(x, domain) + self.model.encode(torch.flip(x, dims=[3]), domain)
+        self._features.setdefault(idx, []).append(F.normalize(feat.float(), dim=1))
+        self._labels.setdefault(idx, []).append(batch["label"])
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val", dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test", dataloader_idx)
+
+    def _collect(self, stage: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per view: all features and labels, across processes, in dataset order.
+
+        Lightning shards evaluation sets with ``DistributedSampler(shuffle=False)``: rank r gets
+        items r, r + W, r + 2W, ... padded with repeats to equal length. Gathering and
+        interleaving the ranks restores the order; cutting at the dataset length drops the
+        repeats, so the metrics are exactly those of a single process.
+        """
+        out = {}
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, Sequence) else [loaders]
+        for idx, view in enumerate(self._views(stage)):
+            feats = torch.cat(self._features.pop(idx, [torch.empty(0, 0, device=self.device)]))
+            labels = torch.cat(self._labels.pop(idx, [torch.empty(0, device=self.device)]))
+            if self.trainer.world_size > 1:
+                feats = self.all_gather(feats).transpose(0, 1).reshape(-1, feats.shape[-1])
+                labels = self.all_gather(labels).transpose(0, 1).reshape(-1)
+                n = len(loaders[idx].dataset)
+                feats, labels = feats[:n], labels[:n]
+            out[view] = (feats, labels)
+        return out
+
+    def _log_retrieval(self, stage: str) -> None:
+        views = {v: fl for v, fl in self._collect(stage).items() if fl[0].numel()}
+        results = evaluate_views(views, protocol=self.hparams.eval_protocol)
+        for direction, metrics in results.items():
+            prefix = f"{stage}/" if direction == "drone->satellite" else f"{stage}/s2d_"
+            for key, value in metrics.items():
+                self.log(
+                    f"{prefix}{key}",
+                    float(value),
+                    prog_bar=key == "R@1" and stage == "val",
+                    sync_dist=False,
+                    rank_zero_only=False,
+                )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_retrieval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_retrieval("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        backbone_ids = {id(p) for p in self.model.backbone_parameters()}
+        backbone = [p for p in self.parameters() if id(p) in backbone_ids and p.requires_grad]
+        rest = [p for p in self.parameters() if id(p) not in backbone_ids and p.requires_grad]
+        groups = [
+            {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
+            {"params": rest, "lr": hp.lr},
+        ]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                groups, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.momentum > 0
+            )
+        else:
+            opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        max_epochs = max(1, int(getattr(self.trainer, "max_epochs", None) or 1))
+        warm = hp.warmup_epochs
+
+        def factor(epoch: int) -> float:
+            f = 1.0
+            if hp.scheduler == "step":
+                f = hp.gamma ** (epoch // max(1, hp.step_size))
+            elif hp.scheduler == "cosine":
+                f = 0.5 * (1 + math.cos(math.pi * min(epoch, max_epochs) / max_epochs))
+            if warm and epoch < warm:
+                f *= (epoch + 1) / (warm + 1)
+            return float(f)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def configure_callbacks(self) -> list[Callback]:
+        return [ExportBest(self.hparams.monitor, self.hparams.export_dir)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only torch's global generator drives training (dropout); data augmentation is seeded
+        # per item by the data module. A byte tensor keeps the checkpoint weights_only-loadable.
+        checkpoint["imlnet_torch_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("imlnet_torch_rng")
+        if state is not None:  # continue the random stream where the interrupted run left it
+            torch.set_rng_state(state)
+
+
+class ExportBest(Callback):
+    """Save the model as safetensors + config whenever the monitored metric improves.
+
+    Without validation (no monitored value), the model is exported at the end of training.
+    """
+
+    def __init__(self, monitor: str = "val/R@1", export_dir: str | None = None) -> None:
+        self.monitor, self.export_dir = monitor, export_dir
+        self.best: float | None = None
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        if self.export_dir:
+            return Path(self.export_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "export"
+
+    def _export(self, trainer: L.Trainer, module: IMLNetModule) -> None:
+        if trainer.is_global_zero:
+            module.model.save_pretrained(self._dir(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, module: IMLNetModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None:
+            return
+        if self.best is None or float(value) > self.best:
+            self.best = float(value)
+            self._export(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: IMLNetModule) -> None:
+        if self.best is None:
+            self._export(trainer, module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+def best_checkpoint(monitor: str = "val/R@1") -> ModelCheckpoint:
+    """Lightning checkpoints of the best model by ``monitor`` and the last one (for resuming)."""
+    return ModelCheckpoint(
+        monitor=monitor,
+        mode="max",
+        save_last=True,
+        filename="best-{epoch:03d}",
+        auto_insert_metric_name=False,
+    )
+
+
+class IMLNetCLI(LightningCLI):
+    """LightningCLI with the number of classes linked from the data to the model."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> IMLNetCLI:
+    """``imlnet fit|validate|test --config CONFIG.yaml [--section.key value ...]``.
+
+    Default callbacks (replaced by a config's ``trainer.callbacks``): the best and last
+    checkpoints by ``val/R@1``; the model adds the safetensors export of the best model.
+    """
+    from imlnet.data.datamodule import CrossViewDataModule
+
+    return IMLNetCLI(
+        IMLNetModule,
+        CrossViewDataModule,
+        args=list(args) if args is not None else None,
+        run=run,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [best_checkpoint()]},
+    )
