@@ -6,6 +6,6 @@ import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
