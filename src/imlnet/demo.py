@@ -238,7 +238,14 @@ def _figures(out: Path, data: Path, model, dm, views, args) -> dict[str, str]:
             ("drone", batch["drone"][:1], batch["label"][:1]),
             ("satellite", batch["satellite"][:1], batch["label"][:1]),
         ):
-            fig = viz.model_attention_figure(model, image, label, name)
+            with torch.no_grad():
+                maps, boxes = model.attention(image, label, name)
+            fig = viz.attention_figure(
+                image[0],
+                list(maps[:, 0]),
+                boxes[:, 0],
+                ["unit 1", "unit 2", "unit 3", "unit 4", "combined"],
+            )
             figs[f"attention_{name}"] = str(
                 viz.save_figure(fig, fig_dir / f"attention_{name}.png").relative_to(out)
             )
