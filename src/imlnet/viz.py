@@ -18,9 +18,6 @@ import torch
 
 from imlnet.io import atomic_path
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _plt():
     import matplotlib
@@ -33,11 +30,11 @@ def _plt():
 
 def to_numpy_image(x: torch.Tensor, normalized: bool = True) -> np.ndarray:
     """``(3, H, W)`` tensor (ImageNet-normalised, or in [0, 1]) -> ``(H, W, 3)`` float in [0, 1]."""
+    from imlnet.data.transforms import denormalize
+
     x = x.detach().float().cpu()
     if normalized:
-        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_STD)[:, None, None]
-        x = x * std + mean
+        x = denormalize(x)
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
