@@ -143,7 +143,7 @@ class IMLNetModule(L.LightningModule):
                 prog_bar=name == "total",
                 on_step=True,
                 on_epoch=True,
-                sync_dist=False,
+                sync_dist=self.trainer.world_size > 1,  # epoch means over all processes
             )
         return parts["total"]
 
@@ -203,8 +203,9 @@ class IMLNetModule(L.LightningModule):
                     f"{prefix}{key}",
                     float(value),
                     prog_bar=key == "R@1" and stage == "val",
-                    sync_dist=False,
-                    rank_zero_only=False,
+                    # identical on every process (features are gathered first): the mean of
+                    # equal values is exact, and it tells Lightning the value is global
+                    sync_dist=self.trainer.world_size > 1,
                 )
 
     def on_validation_epoch_end(self) -> None:
@@ -276,8 +277,11 @@ class ExportBest(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
 
     def _export(self, trainer: L.Trainer, module: IMLNetModule) -> None:
+        # Every process asks for the folder: under DDP ``trainer.log_dir`` is a broadcast, so
+        # asking on rank 0 alone would leave it waiting for the others forever.
+        folder = self._dir(trainer)
         if trainer.is_global_zero:
-            module.model.save_pretrained(self._dir(trainer))
+            module.model.save_pretrained(folder)
 
     def on_validation_end(self, trainer: L.Trainer, module: IMLNetModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
