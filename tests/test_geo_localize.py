@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pyproj import Geod
+from pyproj import Geod, Transformer
 from rasterio.transform import from_origin
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -22,7 +23,7 @@ from imlnet.errors import GeoError
 from imlnet.geo import index as gindex
 from imlnet.geo.index import build_index
 from imlnet.geo.localize import estimate_position, localize, read_truth, to_geojson, write_outputs
-from imlnet.geo.tiling import TileSet, tile_geotiff
+from imlnet.geo.tiling import TILE_COLUMNS, TileSet, read_tileset, tile_geotiff, write_csv
 
 GEOD = Geod(ellps="WGS84")
 LAT0, LON0 = 47.5, 8.5
@@ -144,11 +145,14 @@ def test_outputs_and_geojson(tiles: TileSet, tmp_path: Path) -> None:
         "tile",
         "tile",
     ]
-    for feature in geo["features"]:
-        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Point"
-        lon, lat = feature["geometry"]["coordinates"]
-        assert -180 <= lon <= 180 and -90 <= lat <= 90
-        assert 8.0 < lon < 9.5 and 47.0 < lat < 48.5  # [lon, lat] order, not [lat, lon]
+    for feature, kind in zip(geo["features"], kinds, strict=True):
+        geometry = feature["geometry"]
+        assert feature["type"] == "Feature"
+        assert geometry["type"] == ("Polygon" if kind == "tile" else "Point")
+        positions = geometry["coordinates"][0] if kind == "tile" else [geometry["coordinates"]]
+        for lon, lat in positions:
+            assert -180 <= lon <= 180 and -90 <= lat <= 90
+            assert 8.0 < lon < 9.5 and 47.0 < lat < 48.5  # [lon, lat] order, not [lat, lon]
     first = geo["features"][0]
     assert first["geometry"]["coordinates"] == [results[0].lon, results[0].lat]
     assert first["properties"]["error_m"] == pytest.approx(results[0].error_m)
@@ -164,6 +168,79 @@ def test_outputs_and_geojson(tiles: TileSet, tmp_path: Path) -> None:
     summary = json.loads(paths["summary"].read_text())
     assert summary["queries"] == 2 and summary["with_truth"] == 1
     assert summary["estimate"]["within_25m"] == 1.0
+
+
+def _signed_area(ring: list[list[float]]) -> float:
+    return sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in pairwise(ring)) / 2
+
+
+def _inside(lon: float, lat: float, ring: list[list[float]]) -> bool:
+    """Ray casting, written plainly."""
+    inside = False
+    for (x0, y0), (x1, y1) in pairwise(ring):
+        if (y0 > lat) != (y1 > lat) and lon < x0 + (lat - y0) * (x1 - x0) / (y1 - y0):
+            inside = not inside
+    return inside
+
+
+def test_tile_footprints(tiles: TileSet) -> None:
+    encoder = ProjEncoder()
+    index = build_index(encoder, tiles, transform=to_tensor, progress=False)
+    images = [str(tiles.image_path(tiles.rows[i])) for i in (0, 7)]
+    results = localize(encoder, index, images, transform=to_tensor, k=4, progress=False)
+    rows = {str(tiles.image_path(r)): r for r in tiles.rows}
+    to_ll = Transformer.from_crs("EPSG:32632", "EPSG:4326", always_xy=True)
+    polygons = [f for f in to_geojson(results)["features"] if f["properties"]["kind"] == "tile"]
+    assert len(polygons) == 8
+    for feature in polygons:
+        assert feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        assert _signed_area(ring) > 0  # counter-clockwise (RFC 7946 exterior ring)
+        props, row = feature["properties"], rows[feature["properties"]["path"]]
+        assert (props["lon"], props["lat"]) == (row["lon"], row["lat"])
+        assert _inside(row["lon"], row["lat"], ring)
+        # the corners are the pixel window's corners, through the raster transform by hand
+        c0, r0, c1, r1 = (
+            row["col_off"],
+            row["row_off"],
+            row["col_off"] + row["width"],
+            row["row_off"] + row["height"],
+        )
+        expected = {
+            to_ll.transform(480_000 + 0.5 * c, 5_300_000 - 0.5 * r)
+            for c, r in ((c0, r0), (c0, r1), (c1, r1), (c1, r0))
+        }
+        np.testing.assert_allclose(sorted(map(tuple, ring[:4])), sorted(expected), atol=1e-9)
+        sides = [GEOD.inv(*a, *b)[2] for a, b in pairwise(ring)]
+        assert sides == pytest.approx([row["size_m"]] * 4, abs=0.01)
+
+
+def test_galleries_without_footprints_give_points(tiles: TileSet, tmp_path: Path) -> None:
+    # a tile table written before footprints were recorded: no footprint column at all
+    old = tmp_path / "old_tiles"
+    old.mkdir()
+    columns = [c for c in TILE_COLUMNS if c != "footprint"]
+    rows = [{**r, "path": str(tiles.image_path(r))} for r in tiles.rows[:6]]
+    write_csv(old / "tiles.csv", rows, columns)
+    assert "footprint" not in read_tileset(old).rows[0]
+    encoder = ProjEncoder()
+    index = build_index(encoder, old, transform=to_tensor, progress=False)
+    results = localize(encoder, index, [rows[0]["path"]], transform=to_tensor, k=2, progress=False)
+    tiles_out = [f for f in to_geojson(results)["features"] if f["properties"]["kind"] == "tile"]
+    assert tiles_out[0]["geometry"] == {
+        "type": "Point",
+        "coordinates": [rows[0]["lon"], rows[0]["lat"]],
+    }
+    assert all(f["geometry"]["type"] == "Point" for f in tiles_out)
+    # an empty cell (galleries appended across versions) and a tile on the antimeridian: Points
+    hit0 = results[0].hits[0]
+    for footprint in ("", "POLYGON ((179.9 0, -179.9 0, -179.9 1, 179.9 1, 179.9 0))"):
+        results[0].hits[0] = {**hit0, "footprint": footprint}
+        assert to_geojson(results)["features"][1]["geometry"]["type"] == "Point"
+    results[0].hits[0] = {**hit0, "footprint": "POLYGON ((8 47, 8.1 47))"}
+    with pytest.raises(GeoError, match=r"tile .*: footprint .* is not a closed WKT POLYGON"):
+        to_geojson(results)
 
 
 def test_read_truth_errors(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@ training curves; and ``imlnet visualize``.
 
 Every figure function returns a matplotlib ``Figure`` (Agg backend, no screen needed) and
 :func:`save_figure` writes it atomically as PNG.
+
+    imlnet visualize drone/0001/image-01.jpeg --checkpoint runs/ckpt [--satellite sat.jpg]
+        [--gallery test/gallery_satellite] [--k 5] [--out runs/visualize]
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from imlnet.errors import DatasetLayoutError, ImageReadError
 from imlnet.io import atomic_path
 
 
@@ -48,17 +54,24 @@ def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
 
 
 def reconstruction_figure(
-    drones: torch.Tensor, satellites: torch.Tensor, recons: torch.Tensor, normalized: bool = True
+    drones: torch.Tensor,
+    satellites: torch.Tensor | None,
+    recons: torch.Tensor,
+    normalized: bool = True,
 ):
-    """Rows: drone input, IRN reconstruction, target satellite image. Inputs ``(B, 3, H, W)``."""
+    """Rows: drone input, IRN reconstruction, target satellite image (left out when None).
+
+    Inputs ``(B, 3, H, W)``.
+    """
     plt = _plt()
     b = drones.shape[0]
-    fig, axes = plt.subplots(3, b, figsize=(2.2 * b, 6.6), squeeze=False)
+    rows = [(drones, "drone"), (recons, "IRN reconstruction")]
+    if satellites is not None:
+        rows.append((satellites, "satellite"))
+    fig, axes = plt.subplots(len(rows), b, figsize=(2.2 * b, 2.2 * len(rows)), squeeze=False)
     for j in range(b):
-        for i, (img, title) in enumerate(
-            ((drones[j], "drone"), (recons[j], "IRN reconstruction"), (satellites[j], "satellite"))
-        ):
-            axes[i, j].imshow(to_numpy_image(img, normalized))
+        for i, (images, title) in enumerate(rows):
+            axes[i, j].imshow(to_numpy_image(images[j], normalized))
             axes[i, j].set_axis_off()
             if j == 0:
                 axes[i, j].set_title(title, fontsize=8, loc="left")
@@ -72,6 +85,7 @@ def attention_figure(
     boxes: torch.Tensor,
     names: Sequence[str],
     normalized: bool = True,
+    title: str = "input",
 ):
     """The image, then each attention map over it with its crop box.
 
@@ -80,6 +94,7 @@ def attention_figure(
         maps: attention maps ``(H, W)`` in [0, 1] (one per unit, then the combined one).
         boxes: ``(len(maps), 4)`` crop boxes ``(x1, y1, x2, y2)`` in pixels.
         names: a title per map.
+        title: the title of the input image.
     """
     plt = _plt()
     from matplotlib.patches import Rectangle
@@ -88,13 +103,15 @@ def attention_figure(
     fig, axes = plt.subplots(1, n, figsize=(2.3 * n, 2.6), squeeze=False)
     rgb = to_numpy_image(image, normalized)
     axes[0, 0].imshow(rgb)
-    axes[0, 0].set_title("input", fontsize=8)
+    axes[0, 0].set_title(title, fontsize=8)
     for k, (m, box, name) in enumerate(zip(maps, boxes, names, strict=True), start=1):
         ax = axes[0, k]
         ax.imshow(rgb)
         ax.imshow(m.detach().float().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        x1, y1, x2, y2 = (float(v) for v in box)
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2, ec="white"))
+        x1, y1, x2, y2 = (float(v) for v in box)  # pixel edges; imshow puts pixel centres on
+        ax.add_patch(  # integers, so the edge of pixel 0 is at -0.5
+            Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, lw=2, ec="white")
+        )
         ax.set_title(name, fontsize=8)
     for ax in axes[0]:
         ax.set_axis_off()
@@ -105,7 +122,7 @@ def attention_figure(
 def retrieval_grid(
     queries: Sequence[np.ndarray],
     galleries: Sequence[Sequence[np.ndarray]],
-    correct: np.ndarray,
+    correct: np.ndarray | None,
     scores: np.ndarray | None = None,
     query_titles: Sequence[str] | None = None,
 ):
@@ -114,7 +131,8 @@ def retrieval_grid(
     Args:
         queries: ``Q`` images ``(H, W, 3)`` in [0, 1].
         galleries: per query, ``k`` ranked gallery images.
-        correct: ``(Q, k)`` bool, True where the gallery item is a true match.
+        correct: ``(Q, k)`` bool, True where the gallery item is a true match (green, others
+            red); None when the truth is unknown (grey frames).
         scores: optional ``(Q, k)`` similarity scores shown above each gallery image.
     """
     plt = _plt()
@@ -128,7 +146,7 @@ def retrieval_grid(
             ax = axes[i, j + 1]
             if j < len(galleries[i]):
                 ax.imshow(galleries[i][j])
-                colour = "#1a9850" if correct[i, j] else "#d73027"
+                colour = "#777777" if correct is None else "#1a9850" if correct[i, j] else "#d73027"
                 for spine in ax.spines.values():
                     spine.set_edgecolor(colour)
                     spine.set_linewidth(4)
@@ -231,15 +249,192 @@ def build_parser() -> argparse.ArgumentParser:
         help="the satellite image of the same place (reconstruction "
         "target shown beside the reconstruction)",
     )
-    ap.add_argument("--gallery", help="folder of gallery images (<id>/<file> or flat)")
-    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument(
+        "--gallery",
+        help="folder of satellite images, flat or <id>/<file>; with <id> folders, a query in a "
+        "folder of the same id has its true match framed green",
+    )
+    ap.add_argument("--k", type=int, default=5, help="gallery images shown per query")
     ap.add_argument(
         "--label",
         type=int,
         default=None,
         help="class whose CAM to show (default: the model's prediction)",
     )
-    ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="model input side, a multiple of 32 (default: the model config's, else 256)",
+    )
+    ap.add_argument("--batch-size", type=int, default=32, help="gallery images per batch")
     ap.add_argument("--out", default="runs/visualize")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:0")
     return ap
+
+
+def _note(message: str) -> None:
+    print(f"imlnet visualize: note: {message}", file=sys.stderr)
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """``(3, H, W)`` float in [0, 1]; a missing or undecodable file raises ImageReadError."""
+    from imlnet.data.folders import read_image
+
+    if not path.is_file():
+        raise ImageReadError(f"{path}: image not found; check the path")
+    try:
+        return read_image(path)
+    except ImageReadError as err:
+        raise ImageReadError(
+            f"{path}: cannot decode image ({err.__cause__}); replace it with a JPEG or PNG file"
+        ) from err
+
+
+def _gallery_files(root: Path) -> tuple[list[Path], list[str | None]]:
+    """Image files under ``root`` (sorted) and their id: the sub-folder (``<id>/<file>``), or
+    None for a file directly in ``root``."""
+    from imlnet.data.folders import IMAGE_EXTENSIONS, is_image_file, require_dir
+
+    require_dir(root, "--gallery must be a folder of satellite images, flat or <id>/<file>.")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p.name))
+    if not files:
+        raise DatasetLayoutError(
+            f"{root}: no gallery images ({'/'.join(sorted(IMAGE_EXTENSIONS))}) in it or its "
+            "sub-folders; pass a folder of satellite images"
+        )
+    ids = [p.relative_to(root).parts[0] if p.parent != root else None for p in files]
+    return files, ids
+
+
+def _output_stems(paths: Sequence[Path]) -> list[str]:
+    """File name stem of each query's figures: the image's stem, prefixed by its folder where
+    stems repeat (University-1652 names the drone images of every building image-NN)."""
+    counts = Counter(p.stem for p in paths)
+    return [f"{p.parent.name}_{p.stem}" if counts[p.stem] > 1 else p.stem for p in paths]
+
+
+def _retrieval(
+    query: torch.Tensor,
+    descriptor: torch.Tensor,
+    gallery: np.ndarray,
+    files: Sequence[Path],
+    ids: Sequence[str | None],
+    query_id: str,
+    k: int,
+    title: str,
+):
+    """Top-k grid of one query ``(3, H, W)`` (normalised) by cosine similarity of its
+    descriptor ``(D,)`` to the gallery's ``(N, D)``; true matches marked when ids are known."""
+    q = descriptor.detach().float().cpu().numpy()
+    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)
+    scores = g @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    order = np.argsort(-scores, kind="stable")
+    top = order[:k]
+    correct = None
+    if query_id in ids:
+        correct = np.array([[ids[j] == query_id for j in top]])
+        rank = next(r for r, j in enumerate(order) if ids[j] == query_id)
+        title += f"\nbuilding {query_id}, true match #{rank + 1}"
+    images = [to_numpy_image(_read_image(files[j]), normalized=False) for j in top]
+    return retrieval_grid([to_numpy_image(query)], [images], correct, scores[top][None], [title])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``imlnet visualize IMAGES... --checkpoint CKPT``: figures per drone image into ``--out``.
+
+    Per image: ``<stem>_reconstruction.png`` (drone, IRN reconstruction, ``--satellite``),
+    ``<stem>_attention.png`` (CAM and crop box of each unit and of their sum, for ``--label`` or
+    the predicted class) and, with ``--gallery``, ``<stem>_retrieval.png`` (top-k gallery
+    images). A model without IRN or MUML skips the figure it cannot draw, with a note.
+
+    Raises:
+        ImageReadError: an image is missing or cannot be decoded (named).
+        DatasetLayoutError: ``--gallery`` is not a folder or holds no image.
+        CheckpointError: ``--checkpoint`` is not a model folder written by save_pretrained.
+    """
+    from imlnet.data.transforms import build_transforms
+    from imlnet.geo.index import embed_images
+    from imlnet.models.imlnet import CROP_NAMES, IMLNet
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.k < 1 or args.batch_size < 1:
+        ap.error("--k and --batch-size must be >= 1")
+    if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
+        ap.error(f"--image-size must be a positive multiple of 32, got {args.image_size}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {device}: no CUDA device is available here; use --device cpu")
+    queries = [Path(p) for p in args.images]
+    drones = [_read_image(p) for p in queries]  # every input is checked before the model loads
+    satellite = _read_image(Path(args.satellite)) if args.satellite else None
+    files, ids = _gallery_files(Path(args.gallery)) if args.gallery else ([], [])
+    model = IMLNet.from_pretrained(args.checkpoint, map_location=device)
+    if args.label is not None and not 0 <= args.label < model.num_classes:
+        ap.error(f"--label must be a class of the model, 0..{model.num_classes - 1}")
+    # save_pretrained records no input size yet; the key is read should it ever be stored
+    size = args.image_size or int(model.config.get("image_size") or 256)
+    drone_tf = build_transforms("drone", False, size)
+    satellite_tf = build_transforms("satellite", False, size)
+    if not (model.irn_enabled or model.muml_enabled or files):
+        ap.error(
+            f"{args.checkpoint}: the model has neither IRN nor MUML heads, so only a retrieval "
+            "grid can be drawn: pass --gallery"
+        )
+    if not model.irn_enabled:
+        _note("the model has no IRN (irn=False): no reconstruction figures")
+    if not model.muml_enabled:
+        _note(
+            "the model has no MUML heads (muml=False): no attention figures (the CAMs are "
+            "computed from the unit classifiers)"
+        )
+    gallery = None
+    if files:
+        gallery = embed_images(
+            lambda x: model.encode(x, "satellite"),
+            files,
+            transform=satellite_tf,
+            batch_size=args.batch_size,
+            device=device,
+            desc="embedding the gallery",
+        )
+    sat = satellite_tf(satellite)[None] if satellite is not None else None
+    out = Path(args.out)
+    for path, stem, image in zip(queries, _output_stems(queries), drones, strict=True):
+        x = drone_tf(image)[None].to(device)
+        written = []
+        with torch.no_grad():
+            output = model(x, "drone")
+            if output.reconstruction is not None:
+                fig = reconstruction_figure(x.cpu(), sat, output.reconstruction.cpu())
+                written.append(save_figure(fig, out / f"{stem}_reconstruction.png"))
+            if model.muml_enabled:
+                label = int(output.logits.argmax(1)) if args.label is None else args.label
+                labels = torch.tensor([label], device=device)
+                maps, boxes = model.attention(x, labels, "drone", output)
+                fig = attention_figure(
+                    x[0].cpu(),
+                    list(maps[:, 0].cpu()),
+                    boxes[:, 0].cpu(),
+                    CROP_NAMES,
+                    title=f"{path.name}, class {label}",
+                )
+                written.append(save_figure(fig, out / f"{stem}_attention.png"))
+            if gallery is not None:
+                fig = _retrieval(
+                    x[0].cpu(),
+                    output.descriptor[0],
+                    gallery,
+                    files,
+                    ids,
+                    path.parent.name,
+                    min(args.k, len(files)),
+                    path.name,
+                )
+                written.append(save_figure(fig, out / f"{stem}_retrieval.png"))
+        for figure_path in written:
+            print(figure_path)
+    return 0

@@ -19,7 +19,8 @@ CSV ``image,lat,lon``), the geodesic error in metres (WGS84, pyproj.Geod) is rep
 estimate and for the top-1 tile, with the share of queries within 25, 50 and 100 m.
 
 Outputs (each written atomically): ``results.csv`` (one row per query), ``hits.csv`` (one row
-per query and rank), ``results.geojson`` (RFC 7946, [lon, lat]) and ``summary.json``.
+per query and rank), ``results.geojson`` (RFC 7946, [lon, lat]; estimates and truths as Points,
+top-k tiles as their footprint Polygons) and ``summary.json``.
 
     imlnet localize drone/*.jpg --index gallery/ --checkpoint ckpt/ --k 5 --truth truth.csv
 """
@@ -42,7 +43,7 @@ from imlnet.errors import GeoError, ImageReadError
 from imlnet.geo import index as gindex
 from imlnet.geo.coords import LocalFrame, geodesic_m
 from imlnet.geo.index import GalleryIndex, checkpoint_hash, embed_images
-from imlnet.geo.tiling import read_csv, write_csv
+from imlnet.geo.tiling import parse_footprint, read_csv, write_csv
 from imlnet.io import atomic_write, write_json
 
 THRESHOLDS_M = (25.0, 50.0, 100.0)
@@ -283,15 +284,28 @@ def _num(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _tile_geometry(hit: Mapping[str, Any]) -> dict[str, Any]:
+    """The tile's footprint as a Polygon; its centre as a Point when the gallery has no
+    footprint (built before they were recorded) or the tile crosses the antimeridian (which
+    RFC 7946 would want split in two)."""
+    ring = parse_footprint(str(hit.get("footprint") or ""), where=f"tile {hit['path']}")
+    if ring is None or max(x for x, _ in ring) - min(x for x, _ in ring) > 180:
+        return {"type": "Point", "coordinates": [float(hit["lon"]), float(hit["lat"])]}
+    return {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]}
+
+
 def to_geojson(results: Sequence[QueryResult]) -> dict[str, Any]:
-    """An RFC 7946 FeatureCollection: per query a Point ``kind="estimate"``, a Point
-    ``kind="truth"`` when known, and a Point ``kind="tile"`` per top-k tile (coordinates
-    ``[lon, lat]`` in WGS84)."""
+    """An RFC 7946 FeatureCollection (coordinates ``[lon, lat]`` in WGS84): per query a Point
+    ``kind="estimate"``, a Point ``kind="truth"`` when known, and per top-k tile a Polygon
+    ``kind="tile"``: its footprint (closed, counter-clockwise), or a Point at its centre when
+    the gallery records no footprint."""
     features: list[dict[str, Any]] = []
 
-    def point(lon: float, lat: float, props: dict[str, Any]) -> dict[str, Any]:
-        geometry = {"type": "Point", "coordinates": [float(lon), float(lat)]}
+    def feature(geometry: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
         return {"type": "Feature", "geometry": geometry, "properties": props}
+
+    def point(lon: float, lat: float, props: dict[str, Any]) -> dict[str, Any]:
+        return feature({"type": "Point", "coordinates": [float(lon), float(lat)]}, props)
 
     for r in results:
         features.append(
@@ -320,8 +334,10 @@ def to_geojson(results: Sequence[QueryResult]) -> dict[str, Any]:
                 "path": str(hit["path"]),
                 "tile_id": str(hit.get("tile_id", "")),
                 "id": int(hit["id"]),
+                "lat": float(hit["lat"]),
+                "lon": float(hit["lon"]),
             }
-            features.append(point(hit["lon"], hit["lat"], props))
+            features.append(feature(_tile_geometry(hit), props))
     return {"type": "FeatureCollection", "features": features}
 
 

@@ -3,8 +3,9 @@
 Each tile is a square of ``tile_size_m`` metres on the ground, taken every ``stride_m`` metres,
 resampled to ``out_px`` x ``out_px`` pixels and saved as JPEG or PNG. A metadata table
 (``tiles.csv``) records, per tile, its pixel window in the source raster, its centre in the
-source CRS and in WGS84 latitude/longitude, and its ground size; ``tileset.json`` records the
-parameters. Both are written atomically, as is every tile image.
+source CRS and in WGS84 latitude/longitude, its ground size, and its footprint (the window's
+four corners in WGS84, as a WKT polygon); ``tileset.json`` records the parameters. Both are
+written atomically, as is every tile image.
 
 Ground metres are converted to pixels at the raster's centre: for a projected CRS through the
 CRS's linear unit and pyproj's scale factor of the projection there (so that Web Mercator tiles
@@ -25,6 +26,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,7 +59,10 @@ TILE_COLUMNS = (
     "crs",  # source CRS: "EPSG:<code>" or WKT
     "size_m",  # ground width of the tile in metres (window width x ground pixel size)
     "source",  # the GeoTIFF, as an absolute path
+    "footprint",  # the window's corners in WGS84: WKT "POLYGON ((lon lat, ...))", closed, CCW
 )
+#: Columns a table may lack: tables written before footprints were recorded have none.
+OPTIONAL_COLUMNS = ("footprint",)
 TABLE_NAME = "tiles.csv"
 INFO_NAME = "tileset.json"
 _INT_COLUMNS = ("col_off", "row_off", "width", "height")
@@ -135,6 +140,51 @@ def cell_text(value: Any) -> str:
     return str(value)
 
 
+def _counter_clockwise(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``ring`` (closed) in counter-clockwise order, as RFC 7946 wants exterior rings."""
+    area2 = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in pairwise(ring))
+    return ring if area2 >= 0 else ring[::-1]
+
+
+def footprint_wkt(lons: Sequence[float], lats: Sequence[float]) -> str:
+    """WKT ``POLYGON ((lon lat, ...))`` of a tile's corners, closed and counter-clockwise.
+
+    Why WKT: one CSV cell, and QGIS reads the tables as polygon layers as they are.
+    """
+    ring = [(float(x), float(y)) for x, y in zip(lons, lats, strict=True)]
+    ring = _counter_clockwise([*ring, ring[0]])
+    return "POLYGON ((" + ", ".join(f"{x!r} {y!r}" for x, y in ring) + "))"
+
+
+_POLYGON = re.compile(r"^\s*POLYGON\s*\(\((.*)\)\)\s*$", re.IGNORECASE)
+
+
+def parse_footprint(text: str, *, where: str = "footprint") -> list[tuple[float, float]] | None:
+    """The ``(lon, lat)`` ring of a ``footprint`` cell (closed, counter-clockwise).
+
+    Returns:
+        None for an empty cell (a table written before footprints were recorded).
+
+    Raises:
+        GeoError: not a WKT polygon of at least 4 closed ``lon lat`` positions in range;
+            ``where`` names the tile in the message.
+    """
+    if not text or not text.strip():
+        return None
+    match = _POLYGON.match(text)
+    try:
+        ring = [(float(x), float(y)) for x, y in (p.split() for p in match.group(1).split(","))]
+    except (AttributeError, ValueError):
+        ring = []
+    ok = len(ring) >= 4 and ring[0] == ring[-1]
+    if not ok or not all(-180 <= x <= 180 and -90 <= y <= 90 for x, y in ring):
+        raise GeoError(
+            f"{where}: footprint {text[:80]!r} is not a closed WKT POLYGON of lon/lat corners; "
+            "rerun `imlnet tile` and `imlnet index`"
+        )
+    return _counter_clockwise(ring)
+
+
 def read_tileset(folder: str | Path) -> TileSet:
     """Open a tile folder written by :func:`tile_geotiff` (its ``tiles.csv``, ``tileset.json``).
 
@@ -149,7 +199,8 @@ def read_tileset(folder: str | Path) -> TileSet:
     if not table.is_file():
         raise GeoError(f"{table}: no tile table; run `imlnet tile SRC {root}` first")
     rows: list[dict[str, Any]] = []
-    for line, raw in enumerate(read_csv(table, TILE_COLUMNS), start=2):
+    required = [c for c in TILE_COLUMNS if c not in OPTIONAL_COLUMNS]
+    for line, raw in enumerate(read_csv(table, required), start=2):
         row: dict[str, Any] = dict(raw)
         try:
             for key in _INT_COLUMNS:
@@ -343,6 +394,7 @@ def tile_geotiff(
         ext, fmt = ("jpg", "JPEG") if image_format == "jpg" else ("png", "PNG")
         out_dir.mkdir(parents=True, exist_ok=True)
         kept: list[dict[str, Any]] = []
+        corners: list[tuple[float, float]] = []  # 4 per kept tile, in the source CRS
         skipped = 0
         for row_off, col_off in tqdm(
             [(r, c) for r in rows_ for c in cols], desc=f"tiling {src.name}", disable=not progress
@@ -372,6 +424,10 @@ def tile_geotiff(
                 else:
                     image.save(tmp, format=fmt)
             cx, cy = ds.transform @ (col_off + tw / 2, row_off + th / 2)
+            corners += [
+                ds.transform @ (col_off + dc, row_off + dr)
+                for dc, dr in ((0, 0), (0, th), (tw, th), (tw, 0))
+            ]
             kept.append(
                 {
                     "tile_id": tile_id,
@@ -392,6 +448,9 @@ def tile_geotiff(
             lon, lat = to_wgs84(as_crs(ds.crs), xs, ys)
             for row, la, lo in zip(kept, lat, lon, strict=True):
                 row["lat"], row["lon"] = float(la), float(lo)
+            c_lon, c_lat = to_wgs84(as_crs(ds.crs), *zip(*corners, strict=True))
+            for i, row in enumerate(kept):
+                row["footprint"] = footprint_wkt(c_lon[4 * i : 4 * i + 4], c_lat[4 * i : 4 * i + 4])
         params = {
             "source": str(src),
             "crs": crs_text,
