@@ -351,6 +351,13 @@ def test_ablation_rows(row: str, synth: Path, tmp_path: Path) -> None:
     assert model.objective.triplet == ("drcl" if row in ("drcl", "full") else "none")
 
 
+def test_module_passes_every_objective_switch() -> None:
+    module = IMLNetModule(num_classes=3, **TINY_MODEL, margin=0.2, w_rec=0.5, w_crop=0.25)
+    obj = module.objective
+    assert obj.crop_units == "random" and obj.margin == 0.2
+    assert obj.weights["rec"] == 0.5 and obj.weights["id_crops"] == 0.25
+
+
 def test_best_checkpoint_monitors_retrieval() -> None:
     ckpt = best_checkpoint()
     assert ckpt.monitor == "val/R@1" and ckpt.mode == "max" and ckpt.save_last

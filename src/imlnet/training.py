@@ -111,7 +111,13 @@ class IMLNetModule(L.LightningModule):
         )
         self.objective = IMLNetObjective(
             **self._drop_none(
-                triplet=triplet, margin=margin, w_rec=w_rec, w_drcl=w_drcl, w_id=w_id, w_crop=w_crop
+                triplet=triplet,
+                margin=margin,
+                w_rec=w_rec,
+                w_drcl=w_drcl,
+                w_id=w_id,
+                w_crop=w_crop,
+                crop_units=crop_units,
             )
         )
         if channels_last:
