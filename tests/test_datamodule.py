@@ -44,6 +44,16 @@ def test_train_loader_batches(root: Path) -> None:
     assert float(batch["drone"].min()) < 0  # normalised
 
 
+def test_augment_off_trains_on_the_evaluation_transform(root: Path) -> None:
+    plain, augmented = _dm(root, augment=False), _dm(root)
+    plain.setup("fit")
+    augmented.setup("fit")
+    for dm, random in ((plain, False), (augmented, True)):
+        for transform in (dm.train_set.drone_transform, dm.train_set.satellite_transform):
+            assert ("RandomCrop" in repr(transform)) == random
+    assert not torch.equal(plain.train_set[0]["satellite"], augmented.train_set[0]["satellite"])
+
+
 def test_eval_loaders_and_views(root: Path) -> None:
     dm = _dm(root)
     dm.setup("validate")

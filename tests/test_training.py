@@ -243,12 +243,12 @@ def test_ddp_on_two_cpu_processes_gives_single_process_metrics(synth: Path, tmp_
     assert d2s["AP"] == pytest.approx(float(val["val/AP"]), abs=1e-4)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="reaches 66.7 % (2 of 3 buildings) at 32 px in 40 epochs; not yet tuned", strict=False
-)
 def test_tiny_model_overfits_a_few_locations(synth: Path, tmp_path: Path) -> None:
-    """Train and test on the same locations: R@1 reaches 100 % in both directions."""
+    """Train and test on the same locations, without augmentation: R@1 = 100 % both ways.
+
+    It fails when the batch norm statistics of training and evaluation disagree (drone and
+    satellite batches normalised apart in training, stalled at 89 % / 67 % here).
+    """
     root = tmp_path / "same"
     shutil.copytree(synth / "train", root / "train")
     for view, src in (
@@ -264,8 +264,9 @@ def test_tiny_model_overfits_a_few_locations(synth: Path, tmp_path: Path) -> Non
         dataset="synthetic",
         image_size=32,
         batch_size=6,
-        sample_num=2,
+        sample_num=8,
         eval_batch_size=16,
+        augment=False,
         seed=0,
     )
     module = IMLNetModule(
@@ -276,18 +277,18 @@ def test_tiny_model_overfits_a_few_locations(synth: Path, tmp_path: Path) -> Non
         descriptor_dim=32,
         optimizer="adamw",
         lr=3e-3,
-        scheduler="none",
+        scheduler="cosine",
         dropout=0.0,
         export_dir=str(tmp_path / "export"),
     )
     trainer = L.Trainer(
         accelerator="cpu",
-        max_epochs=25,
+        max_epochs=10,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        check_val_every_n_epoch=40,
+        limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=str(tmp_path),
     )

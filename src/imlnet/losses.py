@@ -8,7 +8,7 @@ logs every part. The exact rules are in docs/method.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -209,8 +209,7 @@ class IMLNetObjective(nn.Module):
             absent), scalar float32 tensors.
         """
         auto = model.irn_enabled and self.weights["rec_satellite"] > 0
-        out_d = model(drone, "drone", reconstruct=model.irn_enabled)
-        out_s = model(satellite, "satellite", reconstruct=auto)
+        out_d, out_s = _forward_pair(model, drone, satellite, model.irn_enabled, auto)
         parts: dict[str, torch.Tensor] = {}
         parts["id"] = self._id(out_d, labels) + self._id(out_s, labels)
         if self.triplet == "drcl":
@@ -224,11 +223,7 @@ class IMLNetObjective(nn.Module):
             if auto:
                 parts["rec_satellite"] = reconstruction_loss(out_s.reconstruction, satellite)
         if model.muml_enabled:
-            units = self._crop_units()
-            parts["id_crops"] = self._crops(model, drone, labels, out_d, "drone", units)
-            parts["id_crops"] = parts["id_crops"] + self._crops(
-                model, satellite, labels, out_s, "satellite", units
-            )
+            parts["id_crops"] = self._crops(model, drone, satellite, labels, out_d, out_s)
         self.calls += 1
         parts["total"] = sum(self.weights[k] * v for k, v in parts.items())
         return parts
@@ -250,18 +245,29 @@ class IMLNetObjective(nn.Module):
     def _crops(
         self,
         model: IMLNet,
-        images: torch.Tensor,
+        drone: torch.Tensor,
+        satellite: torch.Tensor,
         labels: torch.Tensor,
-        out: IMLNetOutput,
-        domain: Literal["drone", "satellite"],
-        units: list[int],
+        out_d: IMLNetOutput,
+        out_s: IMLNetOutput,
     ) -> torch.Tensor:
-        """Mutual-learning id loss of one domain's crops (one forward pass for all of them)."""
-        crops = model.muml_crops(images, labels, domain, output=out)
+        """Mutual-learning id loss of the crops, summed over the two domains.
+
+        The crops of both domains go through the network together (see :func:`_forward_pair`).
+        """
+        units = self._crop_units()
         names = [f"unit{i + 1}" for i in units] + ["combined"]
-        batch = torch.cat([crops[n] for n in names])
-        o = model(batch, domain, reconstruct=False)
-        b = images.shape[0]
+        batches = []
+        for images, out, domain in ((drone, out_d, "drone"), (satellite, out_s, "satellite")):
+            crops = model.muml_crops(images, labels, domain, output=out)
+            batches.append(torch.cat([crops[n] for n in names]))
+        o_d, o_s = _forward_pair(model, batches[0], batches[1], False, False)
+        return self._crop_terms(o_d, labels, units) + self._crop_terms(o_s, labels, units)
+
+    @staticmethod
+    def _crop_terms(o: IMLNetOutput, labels: torch.Tensor, units: list[int]) -> torch.Tensor:
+        """One domain's crop terms; ``o`` holds the crops of ``units``, then the combined one."""
+        b = labels.shape[0]
         terms = []
         for s, i in enumerate(units):  # the crop found by unit i teaches the other units
             part = slice(s * b, (s + 1) * b)
@@ -274,3 +280,51 @@ class IMLNetObjective(nn.Module):
         comb = torch.stack([id_loss(u[part], labels) for u in o.unit_logits]).mean()
         terms.append(id_loss(o.logits[part], labels) + comb)
         return torch.stack(terms).mean()
+
+
+def _split(out: IMLNetOutput, n: int) -> tuple[IMLNetOutput, IMLNetOutput]:
+    """The output of a batch ``cat([a, b])`` as the outputs of ``a`` (``n`` items) and ``b``."""
+    halves = []
+    for part in (slice(0, n), slice(n, None)):
+        halves.append(
+            replace(
+                out,
+                descriptor=out.descriptor[part],
+                embedding=out.embedding[part],
+                logits=out.logits[part],
+                unit_logits=tuple(u[part] for u in out.unit_logits),
+                unit_maps=tuple(m[part] for m in out.unit_maps),
+                reconstruction=None if out.reconstruction is None else out.reconstruction[part],
+            )
+        )
+    return halves[0], halves[1]
+
+
+def _forward_pair(
+    model: IMLNet,
+    drone: torch.Tensor,
+    satellite: torch.Tensor,
+    rec_drone: bool,
+    rec_satellite: bool,
+) -> tuple[IMLNetOutput, IMLNetOutput]:
+    """Forward passes of a drone batch and a satellite batch.
+
+    With one encoder for both domains (``share_weights``), the two batches go through together,
+    so that every batch norm layer normalises them with joint statistics: its running averages,
+    used at evaluation, then estimate the same joint statistics. Two separate passes would
+    normalise each domain with its own batch statistics in training but with the running mixture
+    of both at evaluation, a train/test mismatch that costs retrieval accuracy (a tiny model
+    overfitting three buildings stalls at 89 % R@1 with it, 100 % without).
+    """
+    if model.encoder is None:  # one encoder per domain
+        return (
+            model(drone, "drone", reconstruct=rec_drone),
+            model(satellite, "satellite", reconstruct=rec_satellite),
+        )
+    out = model(torch.cat([drone, satellite]), "drone", reconstruct=rec_drone or rec_satellite)
+    out_d, out_s = _split(out, drone.shape[0])
+    if not rec_drone:
+        out_d = replace(out_d, reconstruction=None)
+    if not rec_satellite:
+        out_s = replace(out_s, reconstruction=None)
+    return out_d, out_s

@@ -177,6 +177,8 @@ class CrossViewDataModule(L.LightningDataModule):
         num_workers: image decoding processes per loader.
         sample_num: repetitions of each building per epoch (satellite oversampling).
         weather_prob: probability of weather augmentation of training drone images.
+        augment: random augmentation of training images (crop, flip, satellite rotation);
+            False trains on the evaluation transform (overfitting checks, debugging).
         on_bad_image: ``"raise"`` or ``"skip"`` unreadable images.
         seed: seed of the shuffling, the drone choice and the augmentations.
     """
@@ -195,6 +197,7 @@ class CrossViewDataModule(L.LightningDataModule):
         num_workers: int = 0,
         sample_num: int = 1,
         weather_prob: float = 0.0,
+        augment: bool = True,
         on_bad_image: Literal["raise", "skip"] = "raise",
         seed: int = 0,
     ) -> None:
@@ -221,6 +224,7 @@ class CrossViewDataModule(L.LightningDataModule):
         self.image_size, self.batch_size = int(image_size), int(batch_size)
         self.eval_batch_size, self.num_workers = int(eval_batch_size), int(num_workers)
         self.sample_num, self.weather_prob = int(sample_num), float(weather_prob)
+        self.augment = bool(augment)
         self.on_bad_image, self.seed = on_bad_image, int(seed)
         self.train_set: PairedViewDataset | None = None
         self.val_sets: list[ViewDataset] = []
@@ -236,9 +240,13 @@ class CrossViewDataModule(L.LightningDataModule):
         }
         if with_transforms:
             kw["drone_transform"] = build_transforms(
-                "drone", True, self.image_size, weather_prob=self.weather_prob, seed=self.seed
+                "drone",
+                self.augment,
+                self.image_size,
+                weather_prob=self.weather_prob if self.augment else 0.0,
+                seed=self.seed,
             )
-            kw["satellite_transform"] = build_transforms("satellite", True, self.image_size)
+            kw["satellite_transform"] = build_transforms("satellite", self.augment, self.image_size)
         if self.dataset == "sues200":
             return SUES200Train(self.root, self.altitude, **kw)
         return University1652Train(self.root, **kw)

@@ -1,0 +1,178 @@
+"""Ablation on the synthetic benchmark: baseline, +IRN, +MUML, +DRCL, full IML-Net, over seeds.
+
+Each row is one of ``configs/ablations/*.yaml`` (its ``model`` switches) on top of the demo's
+training recipe (``imlnet.demo.RECIPE``: ResNet-18 from scratch, AdamW, cosine schedule). Every
+(row, seed) run trains on the same generated benchmark with Lightning, then ``trainer.test``
+evaluates both directions with the official University-1652 protocol. The seed drives the weight
+initialisation, the data order and the augmentations; the data are the same for every run.
+
+Results are written after each run to ``--out`` (JSON), so an interrupted sweep keeps what it
+finished and ``--resume`` skips those runs. The table gives mean +/- sample standard deviation
+over the seeds, and the min-max range.
+
+    python bench/ablation.py                        # 5 rows x 3 seeds, about 30 min on 2 cores
+    python bench/ablation.py --rows baseline full --seeds 0 --epochs 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+
+from imlnet.data.datamodule import CrossViewDataModule
+from imlnet.data.synthetic.generate import SynthConfig, generate
+from imlnet.demo import RECIPE
+from imlnet.io import write_json
+from imlnet.training import IMLNetModule
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = ("baseline", "irn", "muml", "drcl", "full")
+#: (metric key of trainer.test, column title)
+COLUMNS = (
+    ("test/R@1", "d->s R@1"),
+    ("test/AP", "d->s AP"),
+    ("test/s2d_R@1", "s->d R@1"),
+    ("test/s2d_AP", "s->d AP"),
+)
+
+
+def row_switches(row: str) -> dict[str, Any]:
+    """The model switches of ``configs/ablations/<row>.yaml``."""
+    with open(REPO / "configs" / "ablations" / f"{row}.yaml") as handle:
+        return dict(yaml.safe_load(handle)["model"])
+
+
+def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one row with one seed, test it; metrics and timings."""
+    L.seed_everything(seed, verbose=False)
+    dm = CrossViewDataModule(
+        root=str(data),
+        dataset="synthetic",
+        image_size=args.size,
+        batch_size=args.batch_size,
+        eval_batch_size=64,
+        sample_num=args.sample_num,
+        seed=seed,
+    )
+    with tempfile.TemporaryDirectory(prefix="imlnet-ablation-") as tmp:
+        module = IMLNetModule(
+            num_classes=dm.num_classes,
+            backbone=args.backbone,
+            crop_units=args.crop_units,
+            **RECIPE,
+            **row_switches(row),
+            export_dir=str(Path(tmp) / "export"),
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=args.epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp,
+        )
+        t = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        train_s = time.perf_counter() - t
+        trainer.test(module, datamodule=dm, verbose=False)
+    metrics = {key: round(float(trainer.callback_metrics[key]), 3) for key, _ in COLUMNS}
+    return {"row": row, "seed": seed, "train_s": round(train_s, 1), **metrics}
+
+
+def summarize(runs: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
+    """Per row: mean, sample std and min/max of each metric over its seeds."""
+    table = []
+    for row in rows:
+        done = [r for r in runs if r["row"] == row]
+        if not done:
+            continue
+        entry: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in done]}
+        for key, _ in COLUMNS + (("train_s", ""),):
+            values = [r[key] for r in done]
+            entry[key] = {
+                "mean": round(statistics.fmean(values), 2),
+                "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    head = "| row | " + " | ".join(title for _, title in COLUMNS) + " | train s |"
+    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 1) + "|"]
+    for entry in table:
+        cells = [
+            f"{entry[k]['mean']:.1f} ± {entry[k]['std']:.1f} ({entry[k]['min']:.1f}-"
+            f"{entry[k]['max']:.1f})"
+            for k, _ in COLUMNS
+        ]
+        lines.append(
+            f"| {entry['row']} | " + " | ".join(cells) + f" | {entry['train_s']['mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--data", default="runs/ablation-data", help="benchmark folder (made if absent)")
+    ap.add_argument("--locations", type=int, default=60)
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64, help="image side, also the model input")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--sample-num", type=int, default=4)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--crop-units", choices=("all", "random"), default="random")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--resume", action="store_true", help="skip the runs already in --out")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not (data / "metadata.json").is_file():
+        cfg = SynthConfig(locations=args.locations, views=args.views, size=args.size, seed=0)
+        generate(cfg, data, overwrite=True, progress=True)
+    settings = {
+        k: getattr(args, k)
+        for k in ("locations", "views", "size", "epochs", "batch_size", "sample_num", "backbone")
+    }
+    settings.update(crop_units=args.crop_units, recipe=RECIPE, data=str(data))
+    out = Path(args.out)
+    runs: list[dict[str, Any]] = []
+    if args.resume and out.is_file():
+        runs = json.loads(out.read_text())["runs"]
+    machine = f"cpu ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+    for seed in args.seeds:  # seeds outermost: a cut-short sweep still has every row
+        for row in args.rows:
+            if any(r["row"] == row and r["seed"] == seed for r in runs):
+                continue
+            runs.append(run_one(row, seed, data, args))
+            print(json.dumps(runs[-1]), flush=True)
+            table = summarize(runs, args.rows)
+            write_json(
+                out, {"machine": machine, "settings": settings, "runs": runs, "table": table}
+            )
+    print(markdown(summarize(runs, args.rows)))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
