@@ -174,16 +174,8 @@ def render_location(
     sun_az = 100.0 + 160.0 * float(torch.rand((), generator=gen))
     lat0 = round(-55.0 + 120.0 * float(torch.rand((), generator=gen)), 6)
     lon0 = round(-180.0 + 360.0 * float(torch.rand((), generator=gen)), 6)
-    tops: dict[str, torch.Tensor] = {}
-
-    def top(season: str) -> torch.Tensor:
-        if season not in tops:
-            tops[season] = R.shaded_top(
-                scene, season, R.sun_vector(sun_az, R.SUN_ELEVATION[season])
-            )
-        return tops[season]
-
-    sat = R.render_satellite(scene, top("summer"), cfg.size, cfg.satellite_extent_m)
+    light = R.SeasonLight(scene, sun_az)
+    sat = R.render_satellite(scene, light.top("summer"), cfg.size, cfg.satellite_extent_m)
     gsd = cfg.satellite_extent_m / cfg.size
     x0, x1, y0, y1 = scene.target["footprint_m"]
     c = cfg.size / 2.0
@@ -220,9 +212,14 @@ def render_location(
     views = []
     for i, cam in enumerate(orbit(cfg, scene, view_gen)):
         season, weather = draw_conditions(cfg.seasons, cfg.weather, view_gen)
-        sun = R.sun_vector(sun_az, R.SUN_ELEVATION[season])
         img, depth = R.render_drone(
-            scene, top(season), cam, cfg.size, sun, night=weather == "night", gen=view_gen
+            scene,
+            light.top(season),
+            cam,
+            cfg.size,
+            light.sun(season),
+            night=weather == "night",
+            gen=view_gen,
         )
         img = apply_weather(img, weather, generator=view_gen, depth=depth)
         views.append(_jpeg(img, cfg.jpeg_quality))

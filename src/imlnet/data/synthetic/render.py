@@ -187,6 +187,25 @@ def shaded_top(scene: Scene, season: str, sun: torch.Tensor) -> torch.Tensor:
     return (rgb * light[None]).clamp(0, 1)
 
 
+class SeasonLight:
+    """The sun of each season at one azimuth, and the shaded top view of a scene under it
+    (:func:`shaded_top`), computed once per season and then reused."""
+
+    def __init__(self, scene: Scene, sun_azimuth_deg: float) -> None:
+        self.scene, self.azimuth = scene, float(sun_azimuth_deg)
+        self._tops: dict[str, torch.Tensor] = {}
+
+    def sun(self, season: str) -> torch.Tensor:
+        """Unit vector towards the sun in ``season``."""
+        return sun_vector(self.azimuth, SUN_ELEVATION[season])
+
+    def top(self, season: str) -> torch.Tensor:
+        """``shaded_top(scene, season, sun(season))``, cached."""
+        if season not in self._tops:
+            self._tops[season] = shaded_top(self.scene, season, self.sun(season))
+        return self._tops[season]
+
+
 def render_satellite(scene: Scene, top: torch.Tensor, size: int, extent_m: float) -> torch.Tensor:
     """Nadir orthographic view ``(3, size, size)`` of the central ``extent_m`` square, north-up."""
     n = scene.shape[0]

@@ -102,18 +102,12 @@ def generate_world(
     scene_cfg = SceneConfig(extent_m=cfg.extent_m, resolution_m=cfg.gsd_m)
     scene = CityGenerator(scene_cfg, device)(gen)
     sun_az = 100.0 + 160.0 * float(torch.rand((), generator=gen))
-    tops: dict[str, torch.Tensor] = {}
-
-    def top(season: str) -> torch.Tensor:
-        if season not in tops:
-            sun = R.sun_vector(sun_az, R.SUN_ELEVATION[season])
-            tops[season] = R.shaded_top(scene, season, sun)
-        return tops[season]
+    light = R.SeasonLight(scene, sun_az)
 
     half = cfg.extent_m / 2
     transform = Affine(cfg.gsd_m, 0.0, e0 - half, 0.0, -cfg.gsd_m, n0 + half)  # north-up
     with staging_dir(out, overwrite) as tmp:
-        ortho = (top("summer").clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        ortho = (light.top("summer").clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         with rasterio.open(
             tmp / "world.tif",
             "w",
@@ -146,9 +140,14 @@ def generate_world(
             cy = ay - dist * math.cos(math.radians(yaw))
             cam = R.Camera((cx, cy, alt), yaw, pitch, cfg.fov_deg)
             season, weather = draw_conditions(cfg.seasons, cfg.weather, view_gen)
-            sun = R.sun_vector(sun_az, R.SUN_ELEVATION[season])
             img, depth = R.render_drone(
-                scene, top(season), cam, cfg.size, sun, night=weather == "night", gen=view_gen
+                scene,
+                light.top(season),
+                cam,
+                cfg.size,
+                light.sun(season),
+                night=weather == "night",
+                gen=view_gen,
             )
             img = apply_weather(img, weather, generator=view_gen, depth=depth)
             name = f"view-{i + 1:04d}.jpeg"
