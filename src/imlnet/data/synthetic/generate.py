@@ -211,18 +211,10 @@ def render_location(
     view_gen = _location_generator(cfg.seed, index, 1)
     views = []
     for i, cam in enumerate(orbit(cfg, scene, view_gen)):
-        season, weather = draw_conditions(cfg.seasons, cfg.weather, view_gen)
-        img, depth = R.render_drone(
-            scene,
-            light.top(season),
-            cam,
-            cfg.size,
-            light.sun(season),
-            night=weather == "night",
-            gen=view_gen,
+        jpeg, season, weather = drone_view(
+            scene, light, cam, cfg.size, cfg.seasons, cfg.weather, cfg.jpeg_quality, view_gen
         )
-        img = apply_weather(img, weather, generator=view_gen, depth=depth)
-        views.append(_jpeg(img, cfg.jpeg_quality))
+        views.append(jpeg)
         x, y, z = cam.position
         lat, lon = _latlon(lat0, lon0, x, y)
         meta["views"].append(
@@ -282,6 +274,25 @@ def draw_conditions(
     if sky == "snow" and season != "winter":
         sky = "rain" if weather.get("rain", 0) > 0 else "clear"
     return season, sky
+
+
+def drone_view(
+    scene: Scene,
+    light: R.SeasonLight,
+    cam: R.Camera,
+    size: int,
+    seasons: dict[str, float],
+    weather: dict[str, float],
+    jpeg_quality: int,
+    gen: torch.Generator,
+) -> tuple[bytes, str, str]:
+    """One drone photo from ``cam`` in a drawn season and weather: (JPEG, season, weather)."""
+    season, sky = draw_conditions(seasons, weather, gen)
+    img, depth = R.render_drone(
+        scene, light.top(season), cam, size, light.sun(season), night=sky == "night", gen=gen
+    )
+    img = apply_weather(img, sky, generator=gen, depth=depth)
+    return _jpeg(img, jpeg_quality), season, sky
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -32,13 +32,11 @@ from imlnet.data.synthetic import render as R
 from imlnet.data.synthetic.generate import (
     DEFAULT_SEASONS,
     DEFAULT_WEATHER,
-    _jpeg,
     _location_generator,
-    draw_conditions,
+    drone_view,
     staging_dir,
 )
 from imlnet.data.synthetic.scene import CityGenerator, SceneConfig
-from imlnet.data.synthetic.weather import apply_weather
 from imlnet.errors import ImlnetError
 from imlnet.io import write_json
 
@@ -139,19 +137,11 @@ def generate_world(
             cx = ax - dist * math.sin(math.radians(yaw))
             cy = ay - dist * math.cos(math.radians(yaw))
             cam = R.Camera((cx, cy, alt), yaw, pitch, cfg.fov_deg)
-            season, weather = draw_conditions(cfg.seasons, cfg.weather, view_gen)
-            img, depth = R.render_drone(
-                scene,
-                light.top(season),
-                cam,
-                cfg.size,
-                light.sun(season),
-                night=weather == "night",
-                gen=view_gen,
+            jpeg, season, weather = drone_view(
+                scene, light, cam, cfg.size, cfg.seasons, cfg.weather, cfg.jpeg_quality, view_gen
             )
-            img = apply_weather(img, weather, generator=view_gen, depth=depth)
             name = f"view-{i + 1:04d}.jpeg"
-            (tmp / "drone" / name).write_bytes(_jpeg(img, cfg.jpeg_quality))
+            (tmp / "drone" / name).write_bytes(jpeg)
             alon, alat = to_wgs.transform(e0 + ax, n0 + ay)
             clon, clat = to_wgs.transform(e0 + cx, n0 + cy)
             truth.append((f"drone/{name}", round(alat, 8), round(alon, 8)))
