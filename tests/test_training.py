@@ -80,6 +80,14 @@ def _metrics(log_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _evaluate(export: Path, root: Path, out: Path) -> dict[str, dict[str, float]]:
+    """``imlnet evaluate`` of an exported model on the synthetic set: its JSON results."""
+    args = ["--checkpoint", str(export), "--data", str(root), "--dataset", "synthetic"]
+    args += ["--image-size", "32", "--out", str(out), "--num-workers", "0"]
+    assert imlnet_main(["evaluate", *args]) == 0
+    return json.loads(out.read_text())["results"]
+
+
 def test_cli_fit_exports_best_model_and_metrics_match_evaluate(
     synth: Path, tmp_path: Path, capsys
 ) -> None:
@@ -92,29 +100,7 @@ def test_cli_fit_exports_best_model_and_metrics_match_evaluate(
     assert model.config["backbone"] == "resnet18" and model.descriptor_dim == 32
     val = [r for r in _metrics(log_dir) if r["val/R@1"]][-1]
     # The standalone evaluator on the exported model gives the validation numbers exactly.
-    out = tmp_path / "eval.json"
-    assert (
-        imlnet_main(
-            [
-                "evaluate",
-                "--checkpoint",
-                str(export),
-                "--data",
-                str(synth),
-                "--dataset",
-                "synthetic",
-                "--image-size",
-                "32",
-                "--out",
-                str(out),
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    result = json.loads(out.read_text())["results"]
-    d2s = next(v for k, v in result.items() if k.startswith("drone->satellite"))
+    d2s = _evaluate(export, synth, tmp_path / "eval.json")["drone->satellite"]
     assert d2s["R@1"] == pytest.approx(float(val["val/R@1"]), abs=1e-4)
     assert d2s["AP"] == pytest.approx(float(val["val/AP"]), abs=1e-4)
     assert "satellite->drone" in capsys.readouterr().out
@@ -216,29 +202,7 @@ def test_ddp_on_two_cpu_processes_gives_single_process_metrics(synth: Path, tmp_
     val = [r for r in _metrics(log_dir) if r["val/R@1"]][-1]
     # Gathered across the two processes, in dataset order, without the sampler's padding: the
     # exported model evaluated in one process gives the same numbers.
-    out = tmp_path / "eval.json"
-    assert (
-        imlnet_main(
-            [
-                "evaluate",
-                "--checkpoint",
-                str(log_dir / "export"),
-                "--data",
-                str(synth),
-                "--dataset",
-                "synthetic",
-                "--image-size",
-                "32",
-                "--out",
-                str(out),
-                "--quiet",
-                "--num-workers",
-                "0",
-            ]
-        )
-        == 0
-    )
-    d2s = json.loads(out.read_text())["results"]["drone->satellite"]
+    d2s = _evaluate(log_dir / "export", synth, tmp_path / "eval.json")["drone->satellite"]
     assert d2s["R@1"] == pytest.approx(float(val["val/R@1"]), abs=1e-4)
     assert d2s["AP"] == pytest.approx(float(val["val/AP"]), abs=1e-4)
 
