@@ -66,6 +66,9 @@ class FakeModel:
     def __init__(self) -> None:
         self.encoder = ProjEncoder()
 
+    def input_size(self, default: int = 256) -> int:
+        return 64  # the training size a saved model records
+
     def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         assert domain == "satellite"  # gallery tiles are satellite views
         return self.encoder(x)

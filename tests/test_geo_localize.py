@@ -266,6 +266,9 @@ class FakeModel:
         self.encoder = ProjEncoder(dim)
         self.domains: set[str] = set()
 
+    def input_size(self, default: int = 256) -> int:
+        return 64  # the training size a saved model records
+
     def encode(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         self.domains.add(domain)
         return self.encoder(x)

@@ -98,6 +98,7 @@ def test_cli_fit_exports_best_model_and_metrics_match_evaluate(
     export = log_dir / "export"
     model = IMLNet.from_pretrained(export)
     assert model.config["backbone"] == "resnet18" and model.descriptor_dim == 32
+    assert model.input_size() == 32  # the training size, the commands' default input size
     val = [r for r in _metrics(log_dir) if r["val/R@1"]][-1]
     # The standalone evaluator on the exported model gives the validation numbers exactly.
     d2s = _evaluate(export, synth, tmp_path / "eval.json")["drone->satellite"]

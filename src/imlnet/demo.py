@@ -21,7 +21,6 @@ import torch
 
 from imlnet.io import atomic_write, write_json
 
-
 #: How the demo trains (and ``bench/ablation.py``, row switches on top): from scratch on a CPU,
 #: AdamW with a cosine schedule, the whole network at one learning rate.
 RECIPE = {

@@ -286,8 +286,9 @@ class ExportBest(Callback):
         # Every process asks for the folder: under DDP ``trainer.log_dir`` is a broadcast, so
         # asking on rank 0 alone would leave it waiting for the others forever.
         folder = self._dir(trainer)
+        size = getattr(getattr(trainer, "datamodule", None), "image_size", None)
         if trainer.is_global_zero:
-            module.model.save_pretrained(folder)
+            module.model.save_pretrained(folder, meta={"image_size": size} if size else None)
 
     def on_validation_end(self, trainer: L.Trainer, module: IMLNetModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)

@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="model input side, a multiple of 32 (default: the model config's, else 256)",
+        help="model input side, a multiple of 32 (default: the training size saved with the "
+        "model, else 256)",
     )
     ap.add_argument("--batch-size", type=int, default=32, help="gallery images per batch")
     ap.add_argument("--out", default="runs/visualize")
@@ -375,8 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = IMLNet.from_pretrained(args.checkpoint, map_location=device)
     if args.label is not None and not 0 <= args.label < model.num_classes:
         ap.error(f"--label must be a class of the model, 0..{model.num_classes - 1}")
-    # save_pretrained records no input size yet; the key is read should it ever be stored
-    size = args.image_size or int(model.config.get("image_size") or 256)
+    size = args.image_size or model.input_size()
     drone_tf = build_transforms("drone", False, size)
     satellite_tf = build_transforms("satellite", False, size)
     if not (model.irn_enabled or model.muml_enabled or files):

@@ -621,7 +621,13 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--size", type=int, default=256, help="model input size in pixels")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="model input size in pixels (default: the training size saved with the model, "
+        "else 256)",
+    )
     ap.add_argument("--workers", type=int, default=0, help="image decoding processes")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -670,7 +676,7 @@ def main(argv: Sequence[str]) -> int:
         }.items()
         if v is not None and k in DEFAULT_PARAMS[args.type]
     }
-    transform = eval_transform("satellite", args.size)
+    transform = eval_transform("satellite", args.size or model.input_size())
     for tiles in tilesets:  # at least one (nargs="+")
         index = build_index(
             model_encoder(model, "satellite"),

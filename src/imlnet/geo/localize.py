@@ -432,7 +432,7 @@ def main(argv: Sequence[str]) -> int:
         gindex.model_encoder(model, "drone"),
         index,
         [str(p) for p in images],
-        transform=gindex.eval_transform("drone", args.size),
+        transform=gindex.eval_transform("drone", args.size or model.input_size()),
         k=args.k,
         truth=truth,
         truth_base=args.truth.parent if args.truth else None,

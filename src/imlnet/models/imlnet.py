@@ -154,6 +154,8 @@ class IMLNet(nn.Module):
             "crop_padding": float(crop_padding),
             "dropout": float(dropout),
         }
+        #: how the model was trained (e.g. ``image_size``), saved with it; see save_pretrained
+        self.meta: dict[str, Any] = {}
         self.num_classes = int(num_classes)
         self.radius = float(radius)
         self.descriptor_dim = int(descriptor_dim)
@@ -303,11 +305,18 @@ class IMLNet(nn.Module):
         return {**crops, "boxes": boxes, "maps": maps}
 
     # ----------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically.
 
         The saved config has ``pretrained=False``: the weights are in the file, so loading needs
         no ImageNet file.
+
+        Args:
+            directory: the model folder (created if missing).
+            meta: JSON-serialisable facts about how the model was trained, e.g.
+                ``{"image_size": 256}``; stored under ``"meta"`` in config.json and given back
+                as :attr:`meta` by :meth:`from_pretrained` (the commands take their default input
+                size from it).
         """
         from safetensors.torch import save_file
 
@@ -316,8 +325,10 @@ class IMLNet(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         with atomic_path(directory / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": FORMAT})
+        meta = {**self.meta, **(meta or {})}
         write_json(
-            directory / "config.json", {**self.config, "pretrained": False, "format": FORMAT}
+            directory / "config.json",
+            {**self.config, "pretrained": False, "format": FORMAT, "meta": meta},
         )
         return directory
 
@@ -350,6 +361,7 @@ class IMLNet(nn.Module):
             raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
         if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
             raise CheckpointError(f"{config_file} is not an imlnet model config ({FORMAT})")
+        meta = config.pop("meta", None) or {}
         try:
             model = cls(**config)
         except (TypeError, ValueError) as err:
@@ -364,4 +376,9 @@ class IMLNet(nn.Module):
             raise CheckpointError(
                 f"{weights} does not match {config_file} (saved by another model?): {err}"
             ) from err
+        model.meta = dict(meta)
         return model.to(map_location).eval()
+
+    def input_size(self, default: int = 256) -> int:
+        """The image side the model was trained at (``meta["image_size"]``), else ``default``."""
+        return int(self.meta.get("image_size") or default)
