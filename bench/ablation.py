@@ -101,7 +101,7 @@ def summarize(runs: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any
         if not done:
             continue
         entry: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in done]}
-        for key, _ in COLUMNS + (("train_s", ""),):
+        for key, _ in (*COLUMNS, ("train_s", "")):
             values = [r[key] for r in done]
             entry[key] = {
                 "mean": round(statistics.fmean(values), 2),
@@ -132,7 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--data", default="runs/ablation-data", help="benchmark folder (made if absent)")
+    ap.add_argument("--data", default="runs/ablation-data", help="benchmark (made if absent)")
     ap.add_argument("--locations", type=int, default=60)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--size", type=int, default=64, help="image side, also the model input")
