@@ -162,15 +162,78 @@ def test_equals_official_loop(protocol, dtype, dyadic):
     assert_metrics_equal(got, want)
 
 
-def test_block_sizes_do_not_change_results(monkeypatch):
-    # Several matrix products, each ranked in several row blocks (the CPU defaults would use
-    # one block for this small case).
-    monkeypatch.setattr(evaluation, "RANK_ELEMENTS", 700)  # 2 rows of 300 per block
+@pytest.mark.parametrize("one_good", [False, True])
+def test_block_sizes_do_not_change_results(monkeypatch, one_good):
+    # Small blocks (the CPU defaults would use one block for these small cases). Many good
+    # items per query: several chunks of queries, each against many blocks of gallery items.
+    # One per query: several matrix products, each ranked in several row blocks.
+    monkeypatch.setattr(evaluation, "RANK_ELEMENTS", 700)  # 2 rows of 300
     monkeypatch.setattr(evaluation, "MATMUL_ROWS", 5)
+    monkeypatch.setattr(evaluation, "BINNED_ROWS", 8)
+    monkeypatch.setattr(evaluation, "BINNED_COLS", 30)  # blocks of 30 gallery items
     monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 3000)  # at most 10 rows per product
     qf, ql, gf, gl = random_case(9, 37, 300, 4, 6, dyadic=True, dtype=np.float64)
+    if one_good:
+        gl = np.random.default_rng(9).permutation(300) - 1  # each label once, one junk
     want = official_loop(qf, ql, gf, gl)
     assert_metrics_equal(evaluate_retrieval(qf, ql, gf, gl), want)
+
+
+@pytest.mark.parametrize("one_good", [False, True])
+def test_parallel_pieces_give_the_same_results(monkeypatch, one_good):
+    # Large CPU evaluations run in one piece of queries per thread (here forced for a small
+    # one, with three pieces); the torch thread count is restored afterwards.
+    monkeypatch.setattr(evaluation, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(evaluation, "CPU_WORKERS", 3)
+    monkeypatch.setattr(evaluation, "PIECE_QUERIES", 10)
+    qf, ql, gf, gl = random_case(10, 50, 400, 4, 8, dyadic=True, dtype=np.float32)
+    if one_good:
+        gl = np.random.default_rng(10).permutation(400) - 1
+    threads = torch.get_num_threads()
+    got = evaluate_retrieval(qf, ql, gf, gl, chunk_size=7)
+    assert torch.get_num_threads() == threads
+    assert_metrics_equal(got, official_loop(qf, ql, gf, gl))
+
+
+def test_estimates_outside_their_margin_fall_back_to_whole_rows(monkeypatch):
+    # The bucket path estimates the good scores before its pass; where an exact score falls
+    # outside the buckets kept for it (here: every estimate is off by 3), the row is ranked
+    # again from its whole score row, with the same results.
+    calls = []
+    good_scores = evaluation._good_scores
+
+    def off_by_three(q, g, idx):
+        scores, norms = good_scores(q, g, idx)
+        return scores + 3.0, norms
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return good_ranks(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_good_scores", off_by_three)
+    monkeypatch.setattr(evaluation, "good_ranks", counted)
+    qf, ql, gf, gl = random_case(11, 30, 200, 4, 5, dyadic=True, dtype=np.float32)
+    assert_metrics_equal(evaluate_retrieval(qf, ql, gf, gl), official_loop(qf, ql, gf, gl))
+    with_good = np.isin(ql, gl[gl != -1]) & (ql != -1)
+    assert sum(calls) == with_good.sum() > 0  # every row with a good item was redone
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_ties_equal_the_loop(seed):
+    # Integer features in two dimensions: scores are small integers, so nearly every item ties
+    # with others, good items too; about 130 good items per query for label 0 (a table of
+    # 16-bit entries) and fewer for the others.
+    rng = np.random.default_rng(100 + seed)
+    qf = rng.integers(-3, 4, (25, 2)).astype(np.float32)
+    gf = rng.integers(-3, 4, (500, 2)).astype(np.float32)
+    gl = rng.choice([-1, 0, 0, 0, 1, 2, 3, 4, 5], 500)
+    ql = rng.integers(-1, 7, 25)
+    for protocol in ("official", "sample4geo"):
+        want = official_loop(qf, ql, gf, gl, protocol)
+        for chunk in (None, 4):
+            assert_metrics_equal(
+                evaluate_retrieval(qf, ql, gf, gl, protocol, chunk_size=chunk), want
+            )
 
 
 @pytest.mark.parametrize("dyadic", [True, False])

@@ -1,4 +1,8 @@
-"""Losses against explicit triplet loops and hand-computed values."""
+"""The loss functions against explicit triplet loops and hand-computed values.
+
+The objective that combines them (parts, weights, switches, the mutual-learning rule) is tested
+with the model in test_model.py.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ from imlnet.losses import (
 )
 
 
-def dist(a: list[float], b: list[float]) -> float:
-    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True)))
-
-
 def naive_batch_hard(anchors, a_lab, refs, r_lab, margin: float):
-    """Per anchor: the explicit triplet (a, p, n) of largest hinge; loss = mean over anchors."""
+    """Per anchor: the explicit triplet (a, p, n) of largest hinge; loss = mean over anchors.
+
+    relu(max_p d(a,p) - min_n d(a,n) + m) = max over all (p, n) of relu(d(a,p) - d(a,n) + m).
+    Anchors without a positive or a negative are left out (``None`` in ``chosen``).
+    """
     a, r = anchors.double().tolist(), refs.double().tolist()
     a_lab, r_lab = a_lab.tolist(), r_lab.tolist()
     losses, chosen = [], []
@@ -35,15 +39,27 @@ def naive_batch_hard(anchors, a_lab, refs, r_lab, margin: float):
             continue
         best, arg = -math.inf, None
         for p, n in itertools.product(pos, neg):
-            value = dist(a[i], r[p]) - dist(a[i], r[n]) + margin
+            value = math.dist(a[i], r[p]) - math.dist(a[i], r[n]) + margin
             if value > best:
                 best, arg = value, (p, n)
         losses.append(max(best, 0.0))
         chosen.append(arg)
-    return sum(losses) / len(losses), chosen
+    return (sum(losses) / len(losses) if losses else 0.0), chosen
 
 
-def test_hand_computed_2d_example() -> None:
+def hardest(anchors, a_labels, refs, r_labels):
+    """Per anchor: (index of the farthest positive, index of the nearest negative), by loop."""
+    out = []
+    for a in range(len(anchors)):
+        d = [math.dist(anchors[a].tolist(), r.tolist()) for r in refs]
+        pos = [p for p in range(len(refs)) if r_labels[p] == a_labels[a]]
+        neg = [n for n in range(len(refs)) if r_labels[n] != a_labels[a]]
+        out.append((max(pos, key=lambda i: d[i]), min(neg, key=lambda i: d[i])))
+    return out
+
+
+# --------------------------------------------------------------------------- batch-hard triplet
+def test_hand_computed_2d_examples() -> None:
     anchors = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
     a_lab = torch.tensor([0, 1])
     refs = torch.tensor([[0.0, 1.0], [0.0, -2.0], [3.0, 4.0], [1.0, 0.0]])
@@ -60,6 +76,18 @@ def test_hand_computed_2d_example() -> None:
     # With a margin of 0 and the positive nearer than every negative, nothing is learned.
     near = batch_hard_triplet(torch.tensor([[0.0, 0.1]]), torch.tensor([0]), refs[:1], r_lab[:1], 0)
     assert float(near) == 0.0
+
+    anchors = torch.tensor([[0.0, 0.0], [4.0, 3.0], [10.0, 10.0]])
+    a_labels = torch.tensor([0, 1, 2])  # class 2 has no positive reference: left out
+    refs = torch.tensor([[3.0, 4.0], [0.0, 1.0], [4.0, 0.0], [4.0, -3.0]])
+    r_labels = torch.tensor([0, 0, 1, 1])
+    # anchor 0: positives at 5 and 1 -> 5; negatives at 4 and 5 -> 4; 5 - 4 + 0.3 = 1.3
+    # anchor 1: positives at 3 and 6 -> 6; negatives at sqrt(2) and sqrt(20) -> sqrt(2)
+    expected = (1.3 + (6 - math.sqrt(2) + 0.3)) / 2
+    got = batch_hard_triplet(anchors, a_labels, refs, r_labels, margin=0.3)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    naive, _ = naive_batch_hard(anchors, a_labels, refs, r_labels, 0.3)
+    assert float(got) == pytest.approx(naive)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -79,25 +107,38 @@ def test_batch_hard_matches_explicit_triplets(dtype: torch.dtype) -> None:
     for i, c in enumerate(chosen):
         if c is not None:
             assert (int(mined.positive[i]), int(mined.negative[i])) == c
+    # Random labels (some anchors without a positive or a negative), several margins.
+    for trial in range(5):
+        anchors = torch.randn(9, 4, generator=g)
+        refs = torch.randn(7, 4, generator=g)
+        a_labels = torch.randint(0, 3, (9,), generator=g)
+        r_labels = torch.randint(0, 3, (7,), generator=g)
+        margin = 0.1 * trial
+        got = batch_hard_triplet(anchors.to(dtype), a_labels, refs.to(dtype), r_labels, margin)
+        assert got.dtype == torch.float32
+        a, r = anchors.to(dtype).double(), refs.to(dtype).double()  # what the loss sees
+        ref, _ = naive_batch_hard(a, a_labels, r, r_labels, margin)
+        assert float(got) == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
 
-def test_drcl_is_both_directions_averaged_and_plain_is_the_same_loss() -> None:
+def test_batch_hard_triplet_trains_only_the_hardest_pair():
+    """Gradients reach each active anchor's farthest positive and nearest negative, no others."""
     g = torch.Generator().manual_seed(1)
-    drone = torch.randn(6, 5, generator=g)
-    sat = torch.randn(6, 5, generator=g)
-    labels = torch.tensor([0, 1, 2, 2, 3, 4])
-    d2s, _ = naive_batch_hard(drone, labels, sat, labels, 0.3)
-    s2d, _ = naive_batch_hard(sat, labels, drone, labels, 0.3)
-    expected = torch.tensor((d2s + s2d) / 2, dtype=torch.float32)
-    torch.testing.assert_close(drcl_loss(drone, sat, labels, 0.3), expected)
-    torch.testing.assert_close(plain_triplet_loss(drone, sat, labels, 0.3), expected)
+    anchors = torch.randn(5, 3, generator=g)
+    refs = torch.randn(8, 3, generator=g, requires_grad=True)
+    a_labels = torch.tensor([0, 1, 2, 0, 1])
+    r_labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    batch_hard_triplet(anchors, a_labels, refs, r_labels, margin=10.0).backward()  # all active
+    used = {i for pair in hardest(anchors, a_labels, refs.detach(), r_labels) for i in pair}
+    touched = {i for i in range(8) if refs.grad[i].abs().sum() > 0}
+    assert touched == used
 
 
-def test_degenerate_batches_give_finite_gradients() -> None:
+def test_degenerate_batches_give_zero_or_finite_gradients() -> None:
     x = torch.randn(4, 3, requires_grad=True)
     same = torch.zeros(4, dtype=torch.long)
-    loss = batch_hard_triplet(x, same, x, same, 0.3)  # one class: no negatives at all
-    loss.backward()
+    loss = batch_hard_triplet(x, same, x, same, 0.3)  # one class: no valid anchor at all
+    loss.backward()  # no error: the graph exists
     assert float(loss.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
     y = torch.randn(3, 3)
     y.requires_grad_(True)
@@ -107,6 +148,40 @@ def test_degenerate_batches_give_finite_gradients() -> None:
     assert torch.isfinite(y.grad).all()
 
 
+# --------------------------------------------------------------------------- DRCL
+def test_drcl_hand_computed_on_the_unit_circle():
+    """Points at angles 0, 180 (drone) and 60, 270 (satellite); chord = 2 sin(angle / 2)."""
+
+    def at(deg):
+        return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+    drone = torch.tensor([at(0), at(180)])
+    sat = torch.tensor([at(60), at(270)])
+    labels = torch.tensor([0, 1])
+    # drone -> satellite: d0: ap 1, hardest an sqrt2 -> 0.5 - 0.414; d1: ap sqrt2, an sqrt3
+    d2s = ((1 - math.sqrt(2) + 0.5) + (math.sqrt(2) - math.sqrt(3) + 0.5)) / 2
+    # satellite -> drone: s0: ap 1, an sqrt3 -> 0 (relu); s1: ap sqrt2, an sqrt2 -> 0.5
+    s2d = (0.0 + 0.5) / 2
+    got = drcl_loss(drone, sat, labels, margin=0.5)
+    assert float(got) == pytest.approx(0.5 * (d2s + s2d), rel=1e-6)
+    # the two directions differ: both are in the loss
+    assert d2s != pytest.approx(s2d)
+
+
+def test_drcl_is_both_directions_averaged_and_plain_is_the_same_loss():
+    g = torch.Generator().manual_seed(2)
+    drone, sat = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 4])
+    d2s, _ = naive_batch_hard(drone, labels, sat, labels, 0.3)
+    s2d, _ = naive_batch_hard(sat, labels, drone, labels, 0.3)
+    expected = torch.tensor((d2s + s2d) / 2, dtype=torch.float32)
+    torch.testing.assert_close(drcl_loss(drone, sat, labels, 0.3), expected)
+    torch.testing.assert_close(plain_triplet_loss(drone, sat, labels, 0.3), expected)
+    # the hardest negatives of the two directions are not the same pairs here
+    assert hardest(drone, labels, sat, labels) != hardest(sat, labels, drone, labels)
+
+
+# --------------------------------------------------------------------------- id and IRN losses
 def test_reconstruction_and_id_losses_by_hand() -> None:
     pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     target = torch.tensor([[[[1.0, 0.0], [3.0, 1.0]]]])

@@ -1,4 +1,5 @@
-"""IMLNet and IMLNetObjective: radius, baseline equivalence, gradients, training, persistence."""
+"""IMLNet and IMLNetObjective: descriptors on the radius-r sphere, the baseline's size, parts and
+gradients per switch, the objective against a plain recomputation, training, persistence."""
 
 from __future__ import annotations
 
@@ -8,54 +9,100 @@ import sys
 
 import pytest
 import torch
+import torchvision.models as tvm
 
 from imlnet.errors import CheckpointError
-from imlnet.losses import IMLNetObjective, drcl_loss, id_loss, reconstruction_loss
+from imlnet.losses import (
+    IMLNetObjective,
+    drcl_loss,
+    id_loss,
+    plain_triplet_loss,
+    reconstruction_loss,
+)
 from imlnet.models import IMLNet
-from imlnet.models.muml import crop_resize
-
-SMALL = {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 32}
 
 
-def batch(seed: int, n: int = 4, size: int = 32):
-    g = torch.Generator().manual_seed(seed)
-    drone = torch.randn(n, 3, size, size, generator=g)
-    sat = torch.randn(n, 3, size, size, generator=g)
-    return drone, sat, torch.arange(n) % 3
-
-
-def test_descriptors_lie_on_the_radius_r_sphere() -> None:
+def small_model(num_classes: int = 3, **kw) -> IMLNet:
+    """A resnet18 IML-Net with narrow heads, seeded (the defaults: IRN, MUML, GeM, shared)."""
     torch.manual_seed(0)
-    model = IMLNet(3, radius=2.5, irn=False, muml=False, **SMALL).eval()
-    x = torch.randn(6, 3, 32, 32)
+    kw = {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 16, **kw}
+    return IMLNet(num_classes, **kw)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Four drone / satellite pairs of 32 px, three classes (one seen twice)."""
+    g = torch.Generator().manual_seed(4)
+    return (
+        torch.randn(4, 3, 32, 32, generator=g),
+        torch.randn(4, 3, 32, 32, generator=g),
+        torch.tensor([0, 1, 2, 1]),
+    )
+
+
+def _grads(model: IMLNet) -> dict[str, bool]:
+    """Parameter name -> whether a non-zero gradient reached it."""
+    return {
+        n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()
+    }
+
+
+# --------------------------------------------------------------------------- the network
+@pytest.mark.parametrize("radius", [0.5, 2.5])
+def test_descriptors_lie_on_the_radius_r_sphere(radius):
+    model = small_model(irn=False, muml=False, radius=radius, descriptor_dim=8).eval()
+    g = torch.Generator().manual_seed(3)
+    x, s = torch.randn(6, 3, 32, 32, generator=g), torch.randn(6, 3, 32, 32, generator=g)
     with torch.no_grad():
-        out = model(x, "satellite")
-        desc = model.encode(x, "satellite")
-    torch.testing.assert_close(desc, out.descriptor)
-    torch.testing.assert_close(desc.norm(dim=1), torch.full((6,), 2.5))
-    torch.testing.assert_close(desc, 2.5 * out.embedding / out.embedding.norm(dim=1, keepdim=True))
-    d = torch.cdist(desc, -desc)  # antipodal points: the largest distance there is, 2r
-    assert float(d.min()) >= 0.0 and float(d.max()) <= 5.0 + 1e-4
-    torch.testing.assert_close(d.diagonal(), torch.full((6,), 5.0))
-    assert model.radius == 2.5 and model.descriptor_dim == 32
+        out = model(x)
+        desc = torch.cat([out.descriptor, model.encode(s, "satellite")])
+        torch.testing.assert_close(model.encode(x), out.descriptor)
+    assert model.radius == radius and model.descriptor_dim == 8
+    torch.testing.assert_close(desc.norm(dim=1), torch.full((12,), radius))
+    embedding = out.embedding
+    torch.testing.assert_close(out.descriptor, radius * embedding / embedding.norm(dim=1)[:, None])
+    dist = torch.cdist(desc.double(), desc.double())
+    assert float(dist.min()) >= 0.0 and float(dist.max()) <= 2 * radius + 1e-5
+    # antipodal points: the largest distance there is, 2r
+    torch.testing.assert_close(torch.cdist(desc, -desc).diagonal(), torch.full((12,), 2 * radius))
+    # so DRCL is bounded by 2r + margin whatever the network does
+    labels = torch.arange(6) % 3
+    loss = drcl_loss(desc[:6], desc[6:], labels, margin=0.3)
+    assert 0.0 <= float(loss) <= 2 * radius + 0.3
 
 
-def test_all_switches_off_is_the_university1652_baseline() -> None:
-    classes = 7
-    resnet50 = 25_557_032  # torchvision resnet50 (ImageNet fc included)
-    fc = 2048 * 1000 + 1000
-    class_block = (2048 * 512 + 512) + 2 * 512 + (512 * classes + classes)
-    model = IMLNet(classes, backbone="resnet50", pool="avg", irn=False, muml=False)
-    assert sum(p.numel() for p in model.parameters()) == resnet50 - fc + class_block
+def test_all_switches_off_is_the_university1652_baseline():
+    """ResNet-50 without fc + ClassBlock (Linear(2048,512), BN1d(512), Dropout, Linear(512,C))."""
+    c = 7
+    resnet = tvm.resnet50(weights=None)
+    resnet_no_fc = sum(p.numel() for p in resnet.parameters()) - (2048 * 1000 + 1000)
+    assert resnet_no_fc == 23_508_032  # torchvision's 25,557,032 minus fc
+    class_block = (2048 * 512 + 512) + (512 + 512) + 0 + (512 * c + c)
+    model = IMLNet(num_classes=c, backbone="resnet50", irn=False, muml=False, pool="avg")
+    assert sum(p.numel() for p in model.parameters()) == resnet_no_fc + class_block
     assert model.irn is None and model.heads is None
+    assert not list(model.pool.parameters())
+    assert {n.split(".")[0] for n, _ in model.named_parameters()} == {
+        "encoder",
+        "bottleneck",
+        "classifier",
+    }
     assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.5
-    names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert names == {"encoder", "bottleneck", "classifier"}
+    # outside the encoder: exactly the ClassBlock's layers
+    head = [m for n, m in model.named_modules() if n and not n.startswith("encoder")]
+    leaves = [m for m in head if not list(m.children())]
+    linear = [m for m in leaves if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(2048, 512), (512, c)]
+    bn = [m for m in leaves if isinstance(m, torch.nn.BatchNorm1d)]
+    assert [m.num_features for m in bn] == [512]
+    assert [m.p for m in leaves if isinstance(m, torch.nn.Dropout)] == [0.5]
+    # the full IML-Net (GeM p, IRN, heads) is larger, and uses the same encoder parameters
+    full = IMLNet(num_classes=c, backbone="resnet50")
+    assert sum(p.numel() for p in full.backbone_parameters()) == resnet_no_fc
 
 
-def test_forward_shapes_of_the_full_model() -> None:
-    torch.manual_seed(0)
-    model = IMLNet(5, **SMALL)
+def test_forward_shapes_of_the_full_model():
+    model = small_model(5, descriptor_dim=32)
     x = torch.randn(2, 3, 64, 96)
     out = model(x)
     assert out.descriptor.shape == out.embedding.shape == (2, 32)
@@ -73,76 +120,99 @@ def test_forward_shapes_of_the_full_model() -> None:
         model(x, "street")
 
 
-CASES = [
-    # irn, muml, triplet, share_weights, expected parts
-    (True, True, "drcl", False, {"id", "triplet", "rec", "id_crops", "total"}),
-    (False, True, "plain", True, {"id", "triplet", "id_crops", "total"}),
-    (True, False, "none", True, {"id", "rec", "total"}),
-    (False, False, "drcl", True, {"id", "triplet", "total"}),
-]
+def test_switched_off_parts_do_not_exist():
+    model = small_model(irn=False, muml=False)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.reconstruction is None and out.unit_logits == () and out.unit_maps == ()
+    assert not any(n.startswith(("irn.", "heads.")) for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize(("irn", "muml", "triplet", "share", "expected"), CASES)
-def test_gradients_reach_exactly_the_active_parts(irn, muml, triplet, share, expected) -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, irn=irn, muml=muml, share_weights=share, **SMALL)
-    parts = IMLNetObjective(triplet=triplet)(model, *batch(1))
-    assert set(parts) == expected
-    parts["total"].backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
-    prefixes = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert ("irn" in prefixes) == irn and ("heads" in prefixes) == muml
-    assert ("encoders" in prefixes) == (not share)
-
-
-def test_retrieval_encoding_does_no_irn_or_muml_work() -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, **SMALL)
-    model.encode(batch(2)[0], "drone").sum().backward()
-    for name, p in model.named_parameters():
-        if name.startswith(("irn.", "heads.", "classifier.")):
-            assert p.grad is None, name
-        else:
-            assert p.grad is not None, name
-
-
-def test_separate_encoders_per_domain() -> None:
-    torch.manual_seed(0)
-    shared = IMLNet(3, irn=False, muml=False, **SMALL)
-    split = IMLNet(3, irn=False, muml=False, share_weights=False, **SMALL).eval()
+def test_separate_encoders_per_domain():
+    shared = small_model(irn=False, muml=False)
+    split = small_model(irn=False, muml=False, share_weights=False).eval()
     encoder = sum(p.numel() for p in shared.encoder.parameters())
     assert sum(p.numel() for p in split.parameters()) == (
         sum(p.numel() for p in shared.parameters()) + encoder
     )
-    x = batch(3)[0]
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert not torch.allclose(split.encode(x, "drone"), split.encode(x, "satellite"))
 
 
-def test_a_few_steps_reduce_every_loss_part() -> None:
-    torch.manual_seed(0)
-    model = IMLNet(4, **SMALL)
-    objective = IMLNetObjective()
-    drone, sat, _ = batch(4)
-    labels = torch.arange(4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    history = []
-    for _ in range(8):
-        parts = objective(model, drone, sat, labels)
-        opt.zero_grad()
-        parts["total"].backward()
-        opt.step()
-        history.append({k: float(v.detach()) for k, v in parts.items()})
-    first, last = history[0], history[-1]
-    assert set(first) == {"id", "triplet", "rec", "id_crops", "total"}
-    for key in first:
-        assert last[key] < 0.9 * first[key], (key, first[key], last[key])
+# --------------------------------------------------------------------------- parts, gradients
+SWITCHES = [
+    # model switches, objective options, the parts besides "total"
+    ({}, {}, {"id", "triplet", "rec", "id_crops"}),
+    ({}, {"w_rec_satellite": 0.5}, {"id", "triplet", "rec", "rec_satellite", "id_crops"}),
+    ({"share_weights": False}, {}, {"id", "triplet", "rec", "id_crops"}),
+    ({}, {"triplet": "none"}, {"id", "rec", "id_crops"}),
+    ({"irn": False}, {"triplet": "plain"}, {"id", "triplet", "id_crops"}),
+    ({"muml": False}, {}, {"id", "triplet", "rec"}),
+    ({"muml": False, "pool": "avg"}, {"triplet": "none"}, {"id", "rec"}),
+    ({"irn": False, "muml": False}, {}, {"id", "triplet"}),
+    ({"irn": False, "muml": False, "pool": "avg"}, {"triplet": "none"}, {"id"}),
+]
 
 
-def expected_parts(model, objective, drone, sat, labels, units):
-    """The documented objective, recomputed with one forward pass per crop set."""
-    w = objective.weights
+@pytest.mark.parametrize(("model_kw", "loss_kw", "parts"), SWITCHES)
+def test_parts_and_gradients_follow_the_switches(batch, model_kw, loss_kw, parts):
+    model = small_model(**model_kw).train()
+    irn, muml = model_kw.get("irn", True), model_kw.get("muml", True)
+    share = model_kw.get("share_weights", True)
+    assert (model.irn is None) == (not irn) and model.irn_enabled == irn
+    assert (model.heads is None) == (not muml) and model.muml_enabled == muml
+    prefixes = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert ("irn" in prefixes) == irn and ("heads" in prefixes) == muml
+    assert ("encoders" in prefixes) == (not share)
+
+    weights = {"w_rec": 2.0, "w_drcl": 3.0, "w_id": 0.5, "w_crop": 0.25}
+    out = IMLNetObjective(**weights, **loss_kw)(model, *batch)
+    assert set(out) == parts | {"total"}
+    assert all(v.dim() == 0 and v.dtype == torch.float32 for v in out.values())
+    w = {
+        "rec": 2.0,
+        "rec_satellite": loss_kw.get("w_rec_satellite", 0.0),
+        "triplet": 3.0,
+        "id": 0.5,
+        "id_crops": 0.25,
+    }
+    expected = sum(w[k] * float(out[k].detach()) for k in parts)
+    assert float(out["total"].detach()) == pytest.approx(expected, rel=1e-5)
+
+    out["total"].backward()
+    missed = [n for n, ok in _grads(model).items() if not ok]
+    assert not missed, missed
+    if not share:
+        names = _grads(model)
+        assert any(n.startswith("encoders.drone.") for n in names)
+        assert any(n.startswith("encoders.satellite.") for n in names)
+        enc = {p for e in model.encoders.values() for p in e.parameters()}
+        assert set(model.backbone_parameters()) == enc
+
+
+def test_retrieval_and_plain_forward_reach_only_the_parts_they_use(batch):
+    drone, _, labels = batch
+    model = small_model(share_weights=False).train()
+    # Retrieval encoding does no IRN, MUML or classifier work, and only the drone encoder's.
+    model.encode(drone, "drone").sum().backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("irn.", "heads.", "classifier.", "encoders.satellite.")):
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None, name
+    model.zero_grad(set_to_none=True)
+    out = model(drone, "drone", reconstruct=False)
+    assert out.reconstruction is None
+    id_loss(out.logits, labels).backward()
+    grads = _grads(model)
+    assert not any(ok for n, ok in grads.items() if n.startswith(("irn.", "heads.")))
+    assert not any(ok for n, ok in grads.items() if n.startswith("encoders.satellite."))
+    assert all(ok for n, ok in grads.items() if n.startswith(("encoders.drone.", "classifier.")))
+
+
+# --------------------------------------------------------------------------- the objective
+def naive_objective(model, objective, drone, sat, labels, units):
+    """The documented objective, one forward pass per image set (eval mode: no batch effects)."""
     out = {d: model(x, d) for d, x in (("drone", drone), ("satellite", sat))}
     parts = {"id": 0.0, "id_crops": 0.0}
     for domain, x in (("drone", drone), ("satellite", sat)):
@@ -151,120 +221,178 @@ def expected_parts(model, objective, drone, sat, labels, units):
         parts["id"] = parts["id"] + id_loss(o.logits, labels) + units_ce
         crops = model.muml_crops(x, labels, domain)
         terms = []
-        for i in units:
+        for i in units:  # the crop found by unit i teaches the other units
             c = model(crops[f"unit{i + 1}"], domain, reconstruct=False)
             others = [id_loss(c.unit_logits[j], labels) for j in range(4) if j != i]
             terms.append(sum(others) / 3)
+        # the combined crop teaches all units and the descriptor's classifier
         c = model(crops["combined"], domain, reconstruct=False)
         terms.append(id_loss(c.logits, labels) + sum(id_loss(u, labels) for u in c.unit_logits) / 4)
         parts["id_crops"] = parts["id_crops"] + sum(terms) / len(terms)
-    parts["triplet"] = drcl_loss(out["drone"].descriptor, out["satellite"].descriptor, labels, 0.3)
-    parts["rec"] = reconstruction_loss(out["drone"].reconstruction, sat)
-    parts["rec_satellite"] = reconstruction_loss(out["satellite"].reconstruction, sat)
+    if objective.triplet == "plain":
+        a, b, loss = out["drone"].embedding, out["satellite"].embedding, plain_triplet_loss
+    else:
+        a, b, loss = out["drone"].descriptor, out["satellite"].descriptor, drcl_loss
+    parts["triplet"] = loss(a, b, labels, objective.margin)
+    parts["rec"] = ((out["drone"].reconstruction - sat) ** 2).mean()
+    parts["rec_satellite"] = ((out["satellite"].reconstruction - sat) ** 2).mean()
+    w = objective.weights
     parts["total"] = sum(w[k] * parts[k] for k in w)
     return parts
 
 
-def test_objective_follows_the_mutual_learning_rule() -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, **SMALL).eval()  # eval: no dropout, fixed BN, so passes are comparable
-    objective = IMLNetObjective(w_rec=0.5, w_drcl=2.0, w_id=0.7, w_crop=0.3, w_rec_satellite=0.1)
-    drone, sat, labels = batch(5)
+@pytest.mark.parametrize("triplet", ["drcl", "plain"])
+def test_objective_equals_a_plain_recomputation(batch, triplet):
+    model = small_model().eval()  # eval: no dropout, fixed BN, so passes are comparable
+    weights = {"w_rec": 0.5, "w_drcl": 2.0, "w_id": 0.7, "w_crop": 0.3, "w_rec_satellite": 0.1}
+    objective = IMLNetObjective(triplet=triplet, margin=0.3, **weights)
     with torch.no_grad():
-        parts = objective(model, drone, sat, labels)
-        expected = expected_parts(model, objective, drone, sat, labels, [0, 1, 2, 3])
+        parts = objective(model, *batch)
+        expected = naive_objective(model, objective, *batch, [0, 1, 2, 3])
     assert set(parts) == set(expected)
     for key in parts:
         torch.testing.assert_close(parts[key], torch.as_tensor(expected[key]), msg=key)
+    if triplet == "plain":
+        return
+    # One random unit's crop (plus the combined one): one of the four single-unit objectives.
     rand = IMLNetObjective(crop_units="random", seed=3)
     with torch.no_grad():
-        value = rand(model, drone, sat, labels)["id_crops"]
-        options = [
-            expected_parts(model, objective, drone, sat, labels, [i])["id_crops"] for i in range(4)
-        ]
+        value = rand(model, *batch)["id_crops"]
+        options = [naive_objective(model, objective, *batch, [i])["id_crops"] for i in range(4)]
     assert min(abs(float(value) - float(o)) for o in options) < 1e-5
     assert int(rand.calls) == 1
 
 
-def test_muml_crops_are_per_image_and_gradient_free() -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, **SMALL).eval()
-    images = torch.randn(3, 3, 64, 64, requires_grad=True)
-    labels = torch.tensor([2, 0, 1])
-    crops = model.muml_crops(images, labels, "drone")
-    assert crops["maps"].shape == (5, 3, 64, 64) and crops["boxes"].shape == (5, 3, 4)
-    assert not any(v.requires_grad for v in crops.values())
-    maps = crops["maps"]
-    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
-    for b in range(3):
-        one = model.muml_crops(images[b : b + 1], labels[b : b + 1], "drone")
-        torch.testing.assert_close(one["maps"][:, 0], maps[:, b], atol=1e-5, rtol=0)
-        torch.testing.assert_close(one["boxes"][:, 0], crops["boxes"][:, b])
-        for k, name in enumerate(("unit1", "unit2", "unit3", "unit4", "combined")):
-            ref = crop_resize(images[b : b + 1].detach(), crops["boxes"][k, b : b + 1])
-            torch.testing.assert_close(crops[name][b : b + 1], ref)
-    with pytest.raises(RuntimeError, match="muml=True"):
-        IMLNet(3, muml=False, irn=False, **SMALL).muml_crops(images, labels)
+def test_satellite_autoencoding_target(batch):
+    model = small_model(muml=False).eval()
+    drone, sat, labels = batch
+    with torch.no_grad():
+        got = IMLNetObjective(w_rec_satellite=1.0)(model, drone, sat, labels)
+        rec_s = model(sat, "satellite").reconstruction
+    assert float(got["rec_satellite"]) == pytest.approx(float(reconstruction_loss(rec_s, sat)))
 
 
-def test_bf16_autocast_on_cpu() -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, **SMALL)
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize(("crop_units", "crops"), [("all", 20), ("random", 8)])
+def test_forward_passes_per_objective_call(batch, share, crop_units, crops):
+    """One pass of the images and one of the crops (4 units + combined, or 1 + 1, per image).
+
+    With one encoder, the drone and satellite images go through together (batch norm then sees
+    both domains at once, as its running statistics do), and so do the two domains' crops;
+    with one encoder per domain, each domain has its own passes. CAMs need no extra pass.
+    """
+    model = small_model(irn=False, share_weights=share).train()
+    sizes = []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    IMLNetObjective(crop_units=crop_units)(model, *batch)
+    assert sizes == ([8, 2 * crops] if share else [4, 4, crops, crops])  # 4 pairs of images
+
+
+def test_a_few_steps_reduce_every_loss_part():
+    model = small_model(4, dropout=0.0).train()
+    g = torch.Generator().manual_seed(0)
+    drone, sat = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+    objective = IMLNetObjective(w_rec_satellite=0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    history: list[dict[str, float]] = []
+    for _ in range(8):
+        opt.zero_grad()
+        parts = objective(model, drone, sat, labels)
+        parts["total"].backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in parts.items()})
+    assert set(history[0]) == {"id", "triplet", "rec", "rec_satellite", "id_crops", "total"}
+    for k in history[0]:
+        first = (history[0][k] + history[1][k]) / 2
+        last = (history[-2][k] + history[-1][k]) / 2
+        assert last < 0.9 * first, (k, [h[k] for h in history])
+
+
+def test_bf16_autocast_on_cpu(batch):
+    model = small_model().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        parts = IMLNetObjective(w_rec_satellite=0.5)(model, *batch(6))
+        parts = IMLNetObjective(w_rec_satellite=0.5)(model, *batch)
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in parts.values())
     parts["total"].backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_save_and_load_round_trip(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, radius=3.0, share_weights=False, **SMALL)
-    IMLNetObjective()(model, *batch(7))  # move BN statistics away from their initial values
+# --------------------------------------------------------------------------- save / load
+def test_save_and_load_give_identical_outputs(tmp_path, batch):
+    drone, sat, _ = batch
+    model = small_model(share_weights=False, radius=2.0).train()
+    IMLNetObjective()(model, *batch)  # move the batch-norm statistics off their initial values
     model.eval()
-    out = model.save_pretrained(tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    x = batch(8)[0]
-    for path in (out, out / "model.safetensors"):
-        loaded = IMLNet.from_pretrained(path)
-        assert not loaded.training and loaded.config == {**model.config, "pretrained": False}
+    folder = model.save_pretrained(tmp_path / "export")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    for source in (folder, folder / "model.safetensors"):
+        loaded = IMLNet.from_pretrained(source)
+        assert not loaded.training
+        assert loaded.config == {**model.config, "pretrained": False}
+        assert loaded.radius == 2.0 and loaded.descriptor_dim == 16
         with torch.no_grad():
-            for domain in ("drone", "satellite"):
+            for x, domain in ((drone, "drone"), (sat, "satellite")):
                 assert torch.equal(loaded.encode(x, domain), model.encode(x, domain))
+                a, b = loaded(x, domain), model(x, domain)
+                assert torch.equal(a.reconstruction, b.reconstruction)
+                pairs = zip(a.unit_logits, b.unit_logits, strict=True)
+                assert all(torch.equal(u, v) for u, v in pairs)
 
 
-def test_bad_checkpoints_raise_checkpoint_error(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = IMLNet(3, irn=False, **SMALL)
-    good = model.save_pretrained(tmp_path / "good")
+def test_missing_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         IMLNet.from_pretrained(tmp_path / "nothing")
-    corrupt = model.save_pretrained(tmp_path / "corrupt")
-    (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
-        IMLNet.from_pretrained(corrupt)
-    other = model.save_pretrained(tmp_path / "other")
-    config = json.loads((good / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "num_classes": 4}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        IMLNet.from_pretrained(tmp_path)
+    folder = small_model(irn=False, muml=False).save_pretrained(tmp_path / "m")
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError) as err:
+        IMLNet.from_pretrained(folder)
+    assert str(folder / "config.json") in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_weights_are_named(tmp_path, damage):
+    folder = small_model(irn=False, muml=False).save_pretrained(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\x00garbage" * 10 if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as err:
+        IMLNet.from_pretrained(folder)
+    assert str(weights) in str(err.value)
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    folder = small_model(irn=False, muml=False).save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_classes": 9}))
+    with pytest.raises(CheckpointError, match="does not match") as err:
+        IMLNet.from_pretrained(folder)
+    assert str(folder / "model.safetensors") in str(err.value)
+    (folder / "config.json").write_text(json.dumps({**config, "muml": True}))
     with pytest.raises(CheckpointError, match="does not match"):
-        IMLNet.from_pretrained(other)
-    (other / "config.json").write_text(json.dumps({**config, "colour": "red"}))
+        IMLNet.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "colour": "red"}))
     with pytest.raises(CheckpointError, match=r"config\.json"):
-        IMLNet.from_pretrained(other)
-    (other / "config.json").write_text("{not json")
+        IMLNet.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json"):
-        IMLNet.from_pretrained(other)
+        IMLNet.from_pretrained(folder)
 
 
-def test_invalid_arguments_are_rejected() -> None:
+# --------------------------------------------------------------------------- arguments, imports
+def test_invalid_arguments_are_rejected():
     for kwargs in ({"radius": 0.0}, {"pool": "max"}, {"theta": 1.0}, {"crop_padding": -0.1}):
         with pytest.raises(ValueError):
-            IMLNet(3, irn=False, muml=False, **SMALL, **kwargs)
-    with pytest.raises(ValueError):
+            small_model(irn=False, muml=False, **kwargs)
+    with pytest.raises(ValueError, match="triplet"):
         IMLNetObjective(triplet="hard")
+    with pytest.raises(ValueError, match="crop_units"):
+        IMLNetObjective(crop_units="some")
 
 
-def test_models_import_without_lightning() -> None:
+def test_models_import_without_lightning():
     code = (
         "import sys; import imlnet.models, imlnet.losses; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "

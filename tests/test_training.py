@@ -83,7 +83,7 @@ def _metrics(log_dir: Path) -> list[dict[str, str]]:
 def _evaluate(export: Path, root: Path, out: Path) -> dict[str, dict[str, float]]:
     """``imlnet evaluate`` of an exported model on the synthetic set: its JSON results."""
     args = ["--checkpoint", str(export), "--data", str(root), "--dataset", "synthetic"]
-    args += ["--image-size", "32", "--out", str(out), "--num-workers", "0"]
+    args += ["--out", str(out), "--num-workers", "0"]  # input size: the one saved with the model
     assert imlnet_main(["evaluate", *args]) == 0
     return json.loads(out.read_text())["results"]
 

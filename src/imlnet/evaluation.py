@@ -27,15 +27,24 @@ first. Without exactly equal scores (the normal case for float features) both or
 
 How it is vectorised. A query's metrics only need the rank of each of its good items, i.e. the
 number of non-junk gallery items that come before it; no full sort is needed. Junk does not
-depend on the query in either protocol, so it is dropped from the gallery once. Per chunk of
-queries, one matrix product gives the scores ``(c, G')`` and each query's good scores are sorted
-(score descending, then index descending). With one or two good items per query (a satellite
-image per building) the ranks are direct counts of higher scores. With many (54 drone images per
-building) every gallery item is put in one of a few thousand per-query buckets spanning the good
-scores; a histogram of the buckets gives, for each good item, the items in higher buckets, and
-only the few items that share a bucket with a good item are compared exactly. Exactly equal
-scores follow the index rule above in both paths. No loop over queries; memory is bounded by the
-chunk size.
+depend on the query in either protocol, so it is dropped from the gallery once. Exactly equal
+scores follow the index rule above in both paths below; no loop over queries.
+
+- Direct path, one or two good items per query (a satellite image per building): per chunk of
+  queries one matrix product gives the scores ``(c, G')``, and each good item's rank is a count
+  of the higher scores, from two sums of ``sign(score - t)``.
+- Bucket path, many good items per query (54 drone images per building): per chunk of queries,
+  one pass over the gallery in cache-sized blocks, each a matrix product ranked at once, so the
+  scores are never written to memory (that costs as much as the product itself). Every item is
+  put in one of a few thousand per-query buckets spanning the query's good scores; a per-query
+  table gives, for each bucket, the number of good items above it, whose histogram gives the
+  ranks; the few items that may share a bucket with a good item are set aside and compared
+  exactly. The buckets come from estimates of the good scores (a small batched product), with
+  a margin for rounding; a query whose exact good scores fall outside it is redone from its
+  whole score row (never seen in practice; the results are exact either way).
+
+On the CPU, large evaluations run in one piece of queries per torch thread, each single-threaded
+(see ``_in_parallel``). Memory is bounded by the chunk size.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,13 +80,32 @@ DIRECTIONS: tuple[tuple[str, str, str], ...] = (
 VIEWS: tuple[str, ...] = ("query_drone", "gallery_satellite", "query_satellite", "gallery_drone")
 #: Most score-matrix entries held at once when ``chunk_size`` is not given (float32: 128 MiB).
 CHUNK_ELEMENTS = 1 << 25
-#: On the CPU, score entries ranked at a time (a block of rows that stays in cache).
+#: On the CPU, direct path: score entries ranked at a time (a block of rows that stays in cache).
 RANK_ELEMENTS = 1 << 19
-#: On the CPU, queries per matrix product (within CHUNK_ELEMENTS): fewer re-reads of the gallery.
+#: On the CPU, direct path: queries per matrix product (within CHUNK_ELEMENTS), so that a large
+#: gallery is read from memory once per MATMUL_ROWS queries.
 MATMUL_ROWS = 512
-#: Up to this many good items per query, ranks come from direct comparisons (two passes each);
-#: above it, from per-query buckets (see ``_ranks_binned``).
+#: On the CPU, bucket path: queries per pass over the gallery (the gallery is read once each).
+BINNED_ROWS = 1024
+#: On the CPU, bucket path: gallery items per block (one matrix product, ranked at once while
+#: its scores and the temporaries of the ranking are in cache; 256 with 351 queries: 351 KiB of
+#: float32 scores).
+BINNED_COLS = 256
+#: Up to this many good items per query, ranks come from direct counts (the direct path); above
+#: it, from per-query buckets (the bucket path, see ``_ranks_binned``).
 DIRECT_MAX_GOOD = 2
+#: Bucket path: buckets per query = BINS_FACTOR * sqrt(good items * gallery size). More buckets
+#: set aside fewer items for the exact comparison but make the per-query table larger.
+BINS_FACTOR = 1.0
+#: Bucket path: margin around the estimated good scores, in units of sqrt(D) u |q| |g|, the
+#: typical rounding difference of two float dot products (see ``_ranks_from_features``).
+DELTA_FACTOR = 8.0
+#: On the CPU, evaluations of at least this many scores run in pieces of queries, one per torch
+#: thread at most (see ``_in_parallel``), each of at least PIECE_QUERIES queries.
+PARALLEL_MIN_SCORES = 1 << 22
+PIECE_QUERIES = 256
+#: Most pieces on the CPU (None: torch.get_num_threads()).
+CPU_WORKERS: int | None = None
 
 ArrayLike = Tensor | np.ndarray | Sequence[float] | Sequence[int]
 
@@ -108,7 +137,9 @@ def evaluate_retrieval(
         device: where to compute; default: the device of ``query_features`` if it is a tensor,
             else the CPU. Scores are computed in the inputs' floating dtype (float16/bfloat16
             and integer features are promoted to float32, as the official ``FloatTensor``), and
-            on CUDA with full-precision float32 matrix products (no TF32).
+            on CUDA with full-precision float32 matrix products (no TF32). On the CPU a large
+            evaluation runs in pieces of queries on torch's threads, one Python thread each
+            (``torch.set_num_threads`` is set inside them and restored afterwards).
 
     Returns:
         ``{"R@1", "R@5", "R@10", "R@1%", "AP"}`` as Python floats in percent. For galleries
@@ -143,31 +174,30 @@ def evaluate_retrieval(
         gf, gl = gf[keep], gl[keep]
     table, table_counts, query_rows = _good_table(gl, ql)
 
-    hits = torch.zeros(len(cutoffs), dtype=torch.int64, device=dev)
-    ap_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    if table.shape[1] > 0:  # some query has a good item
-        n_kept = len(gl)
-        cap = max(1, CHUNK_ELEMENTS // n_kept)
-        if dev.type == "cpu":
-            # The passes over the scores take blocks of rows small enough to stay in cache; the
-            # matrix product takes at least MATMUL_ROWS queries at once, so that a large
-            # gallery is read from memory once per MATMUL_ROWS queries, not once per block.
-            sub = max(1, RANK_ELEMENTS // n_kept)
-            step = chunk_size or min(max(sub, MATMUL_ROWS), cap)
-        else:
-            step = sub = chunk_size or cap
-        step = -(-n_queries // -(-n_queries // step))  # equal chunks: 701 -> 2 x 351, not 512 + 189
-        buffer = torch.empty(step, n_kept, dtype=dtype, device=dev)
-        with _ieee_matmul(dev):
-            for start in range(0, n_queries, step):
-                stop = min(start + step, n_queries)
-                scores = torch.mm(qf[start:stop], gf.T, out=buffer[: stop - start])
-                rows = query_rows[start:stop]
-                n_good = table_counts[rows]
-                ranks = good_ranks(scores, table[rows], n_good, block_rows=sub)
-                first = torch.where(n_good > 0, ranks[:, 0], n_gallery)
-                hits += (first[:, None] <= cutoffs[None, :]).sum(0)
-                ap_sum += _average_precision(ranks, n_good).sum()
+    if table.shape[1] > DIRECT_MAX_GOOD:
+        chunks = _binned_chunks
+    elif table.shape[1] > 0:  # some query has a good item
+        chunks = _direct_chunks
+    else:
+        chunks = None
+
+    def metric_sums(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Hits at the cutoffs and the sum of AP over queries ``start:stop``."""
+        hits = torch.zeros(len(cutoffs), dtype=torch.int64, device=dev)
+        ap_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        if chunks is None:
+            return hits, ap_sum
+        rows = query_rows[start:stop]
+        for ranks, n_good in chunks(qf[start:stop], gf, table, table_counts, rows, chunk_size):
+            first = torch.where(n_good > 0, ranks[:, 0], n_gallery)
+            hits += (first[:, None] <= cutoffs[None, :]).sum(0)
+            ap_sum += _average_precision(ranks, n_good).sum()
+        return hits, ap_sum
+
+    with _ieee_matmul(dev):
+        sums = _in_parallel(metric_sums, n_queries, n_queries * len(gl), dev)
+    hits = sum(h for h, _ in sums)
+    ap_sum = sum(a for _, a in sums)
     recall = (hits.double() / n_queries * 100.0).tolist()
     return {
         "R@1": recall[0],
@@ -176,6 +206,118 @@ def evaluate_retrieval(
         "R@1%": recall[3],
         "AP": float(ap_sum) * 100.0 / n_queries,
     }
+
+
+def _in_parallel(
+    work: Callable[[int, int], tuple[Tensor, Tensor]], n: int, size: int, device: torch.device
+) -> list[tuple[Tensor, Tensor]]:
+    """``work(start, stop)`` over ``0:n``: in one piece, or on the CPU in one piece per thread.
+
+    On the CPU, large evaluations (``size`` scores, at least PARALLEL_MIN_SCORES) are split
+    into contiguous pieces of at least PIECE_QUERIES queries, one per torch thread at most, each
+    run in its own Python thread with its share of the torch threads (one on a 2-core machine).
+    The ranking runs hundreds of small operations; split inside each operation (torch's
+    default) every one of them waits for all threads, and on a shared machine one descheduled
+    thread stalls the others at every step (measured: 2 to 16 s instead of 0.9 s for satellite
+    -> drone under a load of 3); independent pieces only meet at the end. The torch thread
+    count is restored afterwards (torch's setting is process-wide, so other threads starting
+    torch work meanwhile would run with fewer threads).
+    """
+    threads = torch.get_num_threads()
+    workers = min(CPU_WORKERS or threads, max(1, n // PIECE_QUERIES))
+    if device.type != "cpu" or workers < 2 or size < PARALLEL_MIN_SCORES:
+        return [work(0, n)]
+    step = -(-n // workers)
+    share = max(1, threads // workers)
+
+    def run(start: int) -> tuple[Tensor, Tensor]:
+        torch.set_num_threads(share)
+        return work(start, min(start + step, n))
+
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(run, range(0, n, step)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _equal_steps(total: int, step: int) -> int:
+    """Chunk length that splits ``total`` into the fewest chunks of at most ``step``, equally."""
+    return -(-total // -(-total // step))  # 701 with 512 -> 2 x 351, not 512 + 189
+
+
+def _direct_chunks(
+    qf: Tensor,
+    gf: Tensor,
+    table: Tensor,
+    table_counts: Tensor,
+    query_rows: Tensor,
+    chunk_size: int | None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(ranks, n_good)`` per chunk of queries whose ``(c, G')`` scores are held whole.
+
+    For one or two good items per query, whose thresholds come from the chunk's own scores. On
+    the CPU, a small gallery (at most RANK_ELEMENTS / MATMUL_ROWS items, e.g. 951 satellite
+    images) is ranked against MATMUL_ROWS queries at a time, scored as ``gallery @ queries.T``
+    (10 % faster than the transpose with MKL on one thread here); with a larger one the passes
+    over the scores take blocks of rows small enough to stay in cache, and the matrix product
+    at least MATMUL_ROWS queries at once, so that the gallery is read from memory once per
+    MATMUL_ROWS queries, not once per block.
+    """
+    n_queries, n_kept = len(qf), len(gf)
+    cap = max(1, CHUNK_ELEMENTS // n_kept)
+    cpu = qf.device.type == "cpu"
+    transposed = cpu and n_kept * MATMUL_ROWS <= RANK_ELEMENTS
+    if transposed:
+        step = sub = chunk_size or MATMUL_ROWS
+    elif cpu:
+        sub = max(1, RANK_ELEMENTS // n_kept)
+        step = chunk_size or min(max(sub, MATMUL_ROWS), cap)
+    else:
+        step = sub = chunk_size or cap
+    step = _equal_steps(n_queries, step)
+    buffer = torch.empty(step * n_kept, dtype=qf.dtype, device=qf.device)
+    for start in range(0, n_queries, step):
+        stop = min(start + step, n_queries)
+        q, c = qf[start:stop], stop - start
+        if transposed:
+            scores = torch.mm(gf, q.T, out=buffer[: c * n_kept].view(n_kept, c)).T
+        else:
+            scores = torch.mm(q, gf.T, out=buffer[: c * n_kept].view(c, n_kept))
+        rows = query_rows[start:stop]
+        n_good = table_counts[rows]
+        yield good_ranks(scores, table[rows], n_good, block_rows=sub), n_good
+
+
+def _binned_chunks(
+    qf: Tensor,
+    gf: Tensor,
+    table: Tensor,
+    table_counts: Tensor,
+    query_rows: Tensor,
+    chunk_size: int | None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(ranks, n_good)`` per chunk of queries, each ranked in one pass over the gallery.
+
+    For many good items per query (:func:`_ranks_from_features`). On the CPU, BINNED_ROWS
+    queries at a time (the gallery is read once per chunk) against cache-sized blocks of
+    gallery items; on a GPU, as many queries as CHUNK_ELEMENTS scores allow, against the whole
+    gallery.
+    """
+    n_queries, n_kept = len(qf), len(gf)
+    if qf.device.type == "cpu":
+        step = _equal_steps(n_queries, chunk_size or BINNED_ROWS)
+        cols = BINNED_COLS
+    else:
+        step = _equal_steps(n_queries, chunk_size or max(1, CHUNK_ELEMENTS // n_kept))
+        cols = max(1, CHUNK_ELEMENTS // step)
+    for start in range(0, n_queries, step):
+        rows = query_rows[start : start + step]
+        n_good = table_counts[rows]
+        ranks = _ranks_from_features(
+            qf[start : start + step], gf, table[rows], n_good, block_cols=cols
+        )
+        yield ranks, n_good
 
 
 def good_ranks(
@@ -191,7 +333,8 @@ def good_ranks(
         good_idx: ``(C, M)`` int64 gallery indices of each query's good items, ascending, padded
             on the right with any value (``G`` by convention).
         n_good: ``(C,)`` number of valid entries in each row of ``good_idx`` (0 allowed).
-        block_rows: rows per pass over ``scores`` (small blocks stay in cache); default all.
+        block_rows: rows per pass over ``scores`` in the direct path (small blocks stay in
+            cache); default all.
 
     Returns:
         ``(C, M)`` int64 ranks ``r_0 < r_1 < ...`` of the good items in ranking order; entries
@@ -199,37 +342,67 @@ def good_ranks(
     """
     c, n = scores.shape
     m = good_idx.shape[1]
-    slots = torch.arange(m, device=scores.device)
-    valid = slots[None, :] < n_good[:, None]
     if n == 0 or m == 0:
         return torch.zeros(c, m, dtype=torch.int64, device=scores.device)
-    idx = torch.where(valid, good_idx, 0)
-    good_scores = scores.gather(1, idx).masked_fill(~valid, -math.inf)
-    # Ranking order of the good items: score descending, then gallery index descending. The
-    # indices are ascending, so flipping them and sorting stably by score gives exactly that.
-    thr, order = torch.sort(good_scores.flip(1), dim=1, descending=True, stable=True)
-    thr_idx = torch.where(valid, good_idx, n).flip(1).gather(1, order)
-    blocks = [(a, min(a + (block_rows or c), c)) for a in range(0, c, block_rows or c)]
+    valid = _valid_slots(n_good, m)
+    good_scores = scores.gather(1, torch.where(valid, good_idx, 0))
     if m <= DIRECT_MAX_GOOD:
+        thr, thr_idx = _ranking_order(good_scores, good_idx, valid, n)
+        blocks = [(a, min(a + (block_rows or c), c)) for a in range(0, c, block_rows or c)]
         return _ranks_direct(scores, thr, thr_idx, blocks)
-    return _ranks_binned(scores, thr, thr_idx, n_good, blocks)
+    # The scores are at hand: the bucket path's estimates are exact (no margin needed).
+    delta = torch.zeros_like(good_scores)
+    ranks, _ = _ranks_binned(
+        lambda a, b: scores[:, a:b].contiguous(), n, n, good_scores, delta, good_idx, n_good
+    )
+    return ranks  # the check cannot fail: the estimates are the scores themselves
+
+
+def _valid_slots(n_good: Tensor, m: int) -> Tensor:
+    """``(C, M)`` bool: slot i of row r holds a good item (i < n_good[r])."""
+    return torch.arange(m, device=n_good.device)[None, :] < n_good[:, None]
+
+
+def _ranking_order(
+    good_scores: Tensor, good_idx: Tensor, valid: Tensor, n: int
+) -> tuple[Tensor, Tensor]:
+    """Good scores and gallery indices ``(C, M)`` in ranking order (padding: -inf and n, last).
+
+    Ranking order: score descending, then gallery index descending. The indices are ascending,
+    so flipping them and sorting stably by score gives exactly that.
+    """
+    masked = good_scores.masked_fill(~valid, -math.inf)
+    thr, order = torch.sort(masked.flip(1), dim=1, descending=True, stable=True)
+    thr_idx = torch.where(valid, good_idx, n).flip(1).gather(1, order)
+    return thr, thr_idx
 
 
 def _ranks_direct(
     scores: Tensor, thr: Tensor, thr_idx: Tensor, blocks: list[tuple[int, int]]
 ) -> Tensor:
-    """Rank of each threshold: #{k: s_k > t} + #{k: s_k == t, k > j}, two passes per slot."""
+    """Rank of each threshold: #{k: s_k > t} + #{k: s_k == t, k > j}.
+
+    With ``d = s - t``, whose sign is exact in IEEE arithmetic, ``sum(sign(d))`` is #above -
+    #below and ``sum(|sign(d)|)`` is #above + #below: two sums of cheap arithmetic instead of
+    two comparisons (which torch makes several times slower on the CPU). The sums of +-1 are
+    exact (float32 up to 2^24 items, float64 beyond). Rows where another item equals ``t`` get
+    the index rule.
+    """
+    n = scores.shape[1]
+    acc = scores.dtype if n < 1 << 24 else torch.float64
     above = torch.empty(thr.shape, dtype=torch.int64, device=scores.device)
-    at_least = torch.empty_like(above)
+    others = torch.empty_like(above)  # items not equal to t
     for a, b in blocks:
         for i in range(thr.shape[1]):  # good-item slots (at most DIRECT_MAX_GOOD), not queries
-            t = thr[a:b, i : i + 1]
-            above[a:b, i] = _count(scores[a:b] > t)
-            at_least[a:b, i] = _count(scores[a:b] >= t)
-    rows, slots = (at_least > above + 1).nonzero(as_tuple=True)  # another item equals t
+            d = torch.sub(scores[a:b], thr[a:b, i : i + 1]).sign_()
+            diff = d.sum(1, dtype=acc)
+            total = d.abs_().sum(1, dtype=acc)
+            above[a:b, i] = (diff + total).div_(2)
+            others[a:b, i] = total
+    rows, slots = (others < n - 1).nonzero(as_tuple=True)  # another item equals t
     if len(rows):
         t = thr[rows, slots][:, None]
-        later = torch.arange(scores.shape[1], device=scores.device) > thr_idx[rows, slots][:, None]
+        later = torch.arange(n, device=scores.device) > thr_idx[rows, slots][:, None]
         above[rows, slots] += _count((scores[rows] == t) & later)
     return above
 
@@ -239,71 +412,206 @@ def _count(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
 
 
-def _ranks_binned(
-    scores: Tensor, thr: Tensor, thr_idx: Tensor, n_good: Tensor, blocks: list[tuple[int, int]]
+def _ranks_from_features(
+    q: Tensor, g: Tensor, good_idx: Tensor, n_good: Tensor, *, block_cols: int
 ) -> Tensor:
-    """Ranks of many good items per query from per-row buckets, exact.
+    """:func:`good_ranks` of the scores ``q @ g.T``, made a block of gallery items at a time.
+
+    The bucket path needs each query's good scores before its pass over the scores; here they
+    are estimated from the good items' features (a small batched product) with a bound on how
+    far the matrix product's own rounding can put them, and the pass checks that the exact ones
+    fell where expected. Rows where one did not (none, unless the bound is broken) are redone
+    from their whole score rows.
+
+    Args:
+        q: ``(C, D)`` query features; g: ``(G, D)`` gallery features (junk removed).
+        good_idx, n_good: as in :func:`good_ranks`.
+        block_cols: gallery items per matrix product.
+
+    Returns:
+        ``(C, M)`` int64 ranks, as :func:`good_ranks`.
+    """
+    c, m = good_idx.shape
+    n, dim = g.shape
+    valid = _valid_slots(n_good, m)
+    estimate, g_norm = _good_scores(q, g, torch.where(valid, good_idx, 0))
+    # Two float dot products of q and g_j (two summation orders) differ by at most
+    # 2 gamma_D |q| |g_j|, gamma_D ~ D u (Higham, Accuracy and Stability, 3.1), but in practice
+    # by about sqrt(D) u |q| |g_j| (rounding errors add up like a random walk; 2e-7 at most for
+    # University-1652's 512-d unit vectors). The margin below is 8 times the latter (5e-6 there),
+    # a fraction of a bucket. Should an exact score still fall outside, the check catches it
+    # and the row is redone.
+    u = torch.finfo(q.dtype).eps / 2
+    q_norm = torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    delta = DELTA_FACTOR * math.sqrt(dim) * u * q_norm * g_norm + torch.finfo(q.dtype).tiny
+    buffer = torch.empty(c * min(block_cols, n), dtype=q.dtype, device=q.device)
+
+    def block(a: int, b: int) -> Tensor:
+        return torch.mm(q, g[a:b].T, out=buffer[: c * (b - a)].view(c, b - a))
+
+    ranks, ok = _ranks_binned(block, n, block_cols, estimate, delta, good_idx, n_good)
+    if not bool(ok.all()):
+        redo = (~ok).nonzero().squeeze(1)
+        for part in redo.split(max(1, CHUNK_ELEMENTS // n)):
+            ranks[part] = good_ranks(q[part] @ g.T, good_idx[part], n_good[part])
+    return ranks
+
+
+def _good_scores(q: Tensor, g: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Dot products ``(C, M)`` of each query with its gallery items ``idx``, and their norms.
+
+    A small batched product, a few queries at a time (the gathered features stay in cache).
+    """
+    c, m = idx.shape
+    scores = torch.empty(c, m, dtype=q.dtype, device=q.device)
+    norms = torch.empty_like(scores)
+    step = max(1, (1 << 20) // max(1, m * g.shape[1]))  # at most 2^20 gathered values at once
+    for a in range(0, c, step):
+        b = min(a + step, c)
+        items = g.index_select(0, idx[a:b].reshape(-1)).view(b - a, m, -1)
+        torch.bmm(items, q[a:b, :, None], out=scores[a:b, :, None])
+        torch.linalg.vector_norm(items, dim=2, out=norms[a:b])
+    return scores, norms
+
+
+def _ranks_binned(
+    score_block: Callable[[int, int], Tensor],
+    n: int,
+    block_cols: int,
+    estimate: Tensor,
+    delta: Tensor,
+    good_idx: Tensor,
+    n_good: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Ranks of many good items per query from per-row buckets, exact, in one pass.
 
     Each row gets a monotone bucket function ``f(s) = trunc(clamp((s + shift) * scale))`` whose
     ``bins`` buckets span the row's good scores. Monotone means ``f(s) > f(t)`` implies
-    ``s > t``; so every gallery item in a higher bucket than a good item is ahead of it (a
-    histogram, summed from the top), every item in a lower bucket behind it, and only the
-    items sharing a bucket with some good item (a few per cent) are compared exactly, with the
-    index rule for equal scores. ``f`` is applied with the same elementwise operations to the
-    scores and the thresholds (no fused multiply-add), so it is the same function for both.
+    ``s > t``: a gallery item in a higher bucket than a good item is ahead of it, one in a lower
+    bucket behind it, and only the items sharing a bucket with a good item (a few per cent) need
+    an exact comparison (with the index rule for equal scores). ``f`` is applied with the same
+    elementwise operations to the scores and to the good scores (no fused multiply-add), so it
+    is the same function for both.
+
+    The good scores are only known once the pass has seen them, so ``f`` comes from estimates:
+    the exact score of good item j lies within ``delta`` of its estimate, so its bucket lies in
+    ``[f(estimate_j - delta_j), f(estimate_j + delta_j)]``. Items in those "kept" buckets are
+    set aside (position and score) for the exact comparison. Any other bucket lies wholly above
+    or below each such interval, so a per-row table gives, for each bucket, the number ``v`` of
+    good items ahead of its items; since the good items ahead of an item are the first ``v`` in
+    ranking order, the item adds one to the ranks of slots ``v, v + 1, ...``: a histogram of
+    ``v`` (a few dozen counters per row, in cache) and a running sum give the ranks. The exact
+    good scores are picked from the blocks as they pass, and the check that each fell in a kept
+    bucket is returned.
+
+    Args:
+        score_block: ``(a, b) -> (C, b - a)`` contiguous scores of gallery items ``a:b``.
+        n: gallery size; block_cols: gallery items per block.
+        estimate: ``(C, M)`` estimates of the good items' scores, in ``good_idx`` order.
+        delta: ``(C, M)`` bound on |score - estimate| (zero when the estimates are the scores).
+        good_idx, n_good: as in :func:`good_ranks`.
+
+    Returns:
+        ``(C, M)`` int64 ranks as :func:`good_ranks`, and ``(C,)`` bool: every exact good score
+        of the row fell in a kept bucket (its ranks are exact; otherwise they are not).
     """
-    c, n = scores.shape
-    m = thr.shape[1]
-    dev = scores.device
-    bins = int(min(max(2 * math.sqrt(m * n), 64), 1 << 16))
+    c, m = good_idx.shape
+    dev, dtype = estimate.device, estimate.dtype
+    valid = _valid_slots(n_good, m)
+    has = n_good[:, None] > 0
+    bins = int(min(max(BINS_FACTOR * math.sqrt(m * n), 64), 1 << 16))
     nb = bins + 5  # bucket 0: far below the lowest good score; nb - 1: far above the highest
-    has = n_good > 0
-    hi = torch.where(has, thr[:, 0], 0.0)[:, None]
-    lo = torch.where(has, thr.gather(1, (n_good - 1).clamp(min=0)[:, None])[:, 0], 0.0)[:, None]
+    lo = (estimate - delta).masked_fill_(~valid, math.inf).amin(1, keepdim=True)
+    hi = (estimate + delta).masked_fill_(~valid, -math.inf).amax(1, keepdim=True)
+    lo, hi = torch.where(has, lo, 0.0), torch.where(has, hi, 0.0)
     width = torch.maximum(hi - lo, 1e-2 * torch.maximum(hi.abs(), lo.abs()))
     scale = (bins / torch.where(width > 0, width, 1.0)).clamp(max=1e30)
     shift = 2.0 / scale - lo  # the lowest good score lands near bucket 2
-    valid = torch.arange(m, device=dev)[None, :] < n_good[:, None]
-    tb = ((thr + shift) * scale).clamp(0, nb - 1).long()
-    tb = torch.where(valid, tb, nb)  # padding goes to a dummy bucket
-    ones = torch.ones((), dtype=torch.int64, device=dev)
-    th_count = torch.zeros(c, nb + 1, dtype=torch.int64, device=dev)
-    th_count.scatter_add_(1, tb, ones.expand(c, m))
-    th_count = th_count[:, :nb]
-    shared = th_count > 0  # buckets holding a good item
 
-    # The passes over the scores, a block of rows at a time: bucket of every item, histogram,
-    # and the (flat) positions and buckets of the items that share a bucket with a good item.
-    hist = torch.zeros(c, nb, dtype=torch.int64, device=dev)
-    flat_parts, bucket_parts = [], []
-    for a, b in blocks:
-        u = scores[a:b] + shift[a:b]
-        u.mul_(scale[a:b]).clamp_(0, nb - 1)
-        bucket = u.long()
-        hist[a:b].scatter_add_(1, bucket, ones.expand_as(bucket))
-        flat = shared[a:b].gather(1, bucket).view(-1).nonzero().squeeze(1)
-        bucket_parts.append(bucket.view(-1).index_select(0, flat))
-        flat_parts.append(flat + a * n)
-    ranks = (n - hist.cumsum(1)).gather(1, tb.clamp(max=nb - 1))  # items in higher buckets
+    def bucket(x: Tensor) -> Tensor:
+        return ((x + shift) * scale).clamp_(0, nb - 1).long()
 
-    # Items sharing a bucket with good items: exact comparisons with those good items only.
-    # Flat indices: advanced indexing with one 1-D index is much cheaper than with two.
-    flat = torch.cat(flat_parts)
+    # Per row and bucket: kept (may hold a good item), else the number of good items above.
+    ones = torch.ones((), dtype=torch.int64, device=dev).expand(c, m)
+    first_b = torch.where(valid, bucket(estimate - delta), nb + 1)
+    last_b = torch.where(valid, bucket(estimate + delta) + 1, nb + 1)
+    starts = torch.zeros(c, nb + 2, dtype=torch.int64, device=dev).scatter_add_(1, first_b, ones)
+    ends = torch.zeros_like(starts).scatter_add_(1, last_b, ones)
+    kept = (starts - ends).cumsum(1)[:, :nb] > 0
+    above = n_good[:, None] - starts.cumsum(1)[:, :nb]  # intervals starting at a higher bucket
+    # Kept buckets get the code ``aside``, a power of two above any count, so that one bit
+    # tells them apart; small entries, because the table is read at random and should stay in
+    # cache (one row per query: c x nb bytes).
+    aside = 1 << m.bit_length()
+    small = torch.uint8 if aside < 256 else torch.int16 if aside < 1 << 15 else torch.int32
+    table = above.masked_fill_(kept, aside).to(small).view(-1)
+    index_dtype = torch.int32 if c * nb < 1 << 31 else torch.int64  # int32: cheaper to make
+    row_start = torch.arange(0, c * nb, nb, dtype=index_dtype, device=dev)[:, None]
+
+    # Where each good item's exact score is in the blocks: flat slots sorted by gallery index.
+    flat_idx = torch.where(valid, good_idx, n).view(-1)
+    by_index = torch.argsort(flat_idx)
+    sorted_idx = flat_idx[by_index]
+    exact = torch.full((c * m,), -math.inf, dtype=dtype, device=dev)
+    block_starts = list(range(0, n, block_cols))
+    bounds = torch.searchsorted(sorted_idx, torch.tensor([*block_starts, n], device=dev)).tolist()
+
+    # The pass: per block, each item's bucket, its table entry v, the histogram of v, and the
+    # set-aside items (flat position in the block and score).
+    hist = torch.zeros(c, aside + 1, dtype=torch.int32, device=dev)
+    size = c * min(block_cols, n)
+    u_buf = torch.empty(size, dtype=dtype, device=dev)
+    b_buf = torch.empty(size, dtype=index_dtype, device=dev)
+    v_buf = torch.empty(size, dtype=small, device=dev)
+    f_buf = torch.empty(size, dtype=small, device=dev)
+    v_long = torch.empty(size, dtype=torch.int64, device=dev)
+    ones_buf = torch.ones(size, dtype=torch.int32, device=dev)  # faster than an expanded one
+    parts: list[tuple[Tensor, Tensor]] = []
+    for k, a in enumerate(block_starts):
+        b = min(a + block_cols, n)
+        w = b - a
+        s = score_block(a, b)
+        u = torch.add(s, shift, out=u_buf[: c * w].view(c, w))
+        u.mul_(scale).clamp_(0, nb - 1)
+        bk = b_buf[: c * w].view(c, w).copy_(u).add_(row_start)  # copy_ truncates, as .long()
+        v = torch.index_select(table, 0, bk.view(-1), out=v_buf[: c * w])
+        hist.scatter_add_(1, v_long[: c * w].copy_(v).view(c, w), ones_buf[: c * w].view(c, w))
+        pos = torch.bitwise_and(v, aside, out=f_buf[: c * w]).nonzero().squeeze(1)
+        rows = pos // w
+        parts.append((rows * n + (pos - rows * w + a), s.view(-1).index_select(0, pos)))
+        i0, i1 = bounds[k], bounds[k + 1]
+        if i1 > i0:
+            slots = by_index[i0:i1]
+            where = (slots // m) * w + sorted_idx[i0:i1] - a
+            exact.index_copy_(0, slots, s.view(-1).index_select(0, where))
+
+    thr, thr_idx = _ranking_order(exact.view(c, m), good_idx, valid, n)
+    tb = torch.where(valid, bucket(thr), nb)
+    ok = torch.cat([kept, kept.new_ones(c, 1)], 1).gather(1, tb).all(1)
+    del table, kept, above
+
+    # Set-aside items: p = the number of good items ahead of each (those in higher buckets,
+    # then an exact comparison with those in its own bucket: usually none or one).
+    flat = torch.cat([p[0] for p in parts])
+    s = torch.cat([p[1] for p in parts])
     rows, cols = flat // n, flat % n
-    x = rows * nb + torch.cat(bucket_parts)
-    s = scores.reshape(-1).index_select(0, flat)
-    first = (n_good[:, None] - th_count.cumsum(1)).view(-1).index_select(0, x)  # #{i: tb_i > x}
-    count = th_count.reshape(-1).index_select(0, x)
+    th_count = torch.zeros(c, nb + 1, dtype=torch.int64, device=dev)
+    th_count.scatter_add_(1, tb, ones)
+    th_count = th_count[:, :nb].contiguous()
+    # The same bucket function, elementwise: the same operations on the same values.
+    xb = (s + shift.view(-1).index_select(0, rows)) * scale.view(-1).index_select(0, rows)
+    xb = xb.clamp_(0, nb - 1).long() + rows * nb
+    first = (n_good[:, None] - th_count.cumsum(1)).view(-1).index_select(0, xb)
+    count = th_count.view(-1).index_select(0, xb)
     thr_flat, idx_flat = thr.reshape(-1), thr_idx.reshape(-1)
-    p = first.clone()  # first good slot that item (rows, cols) is ahead of
+    p = first.clone()
     for o in range(int(count.max()) if len(count) else 0):  # goods per bucket: usually 1
         i = rows * m + (first + o).clamp(max=m - 1)
         t, j = thr_flat.index_select(0, i), idx_flat.index_select(0, i)
         p += (o < count) & ((t > s) | ((t == s) & (j >= cols)))
-    step = torch.zeros(c * (m + 1), dtype=torch.int64, device=dev)
-    step.index_add_(0, rows * (m + 1) + p, torch.ones_like(p))
-    step.index_add_(0, rows * (m + 1) + first + count, torch.full_like(p, -1))
-    return ranks + step.view(c, m + 1).cumsum(1)[:, :m]
+    counts = hist[:, : m + 1].to(torch.int64).contiguous().view(-1)
+    counts.index_add_(0, rows * (m + 1) + p, torch.ones_like(p))
+    return counts.view(c, m + 1).cumsum(1)[:, :m], ok
 
 
 def _average_precision(ranks: Tensor, n_good: Tensor) -> Tensor:
@@ -599,12 +907,12 @@ def _load_model(checkpoint: str | Path, device: torch.device) -> Any:
     return IMLNet.from_pretrained(checkpoint).to(device).eval()
 
 
-def _test_views(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """setting -> view -> test dataset, for the chosen benchmark."""
+def _test_views(args: argparse.Namespace, size: int) -> dict[str, dict[str, Any]]:
+    """setting -> view -> test dataset at ``size`` pixels, for the chosen benchmark."""
     from imlnet.data.transforms import build_transforms  # lazy: heavy, and not needed for .npz
 
     def transform(view: str) -> Any:
-        return build_transforms(view.split("_")[1], train=False, size=args.image_size)
+        return build_transforms(view.split("_")[1], train=False, size=size)
 
     if args.dataset == "sues200":
         from imlnet.data.sues200 import SUES200Test
@@ -620,9 +928,10 @@ def _test_views(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
     model = _load_model(args.checkpoint, device)
+    size = args.image_size or getattr(model, "input_size", lambda: 256)()
     results: dict[str, dict[str, float]] = {}
     sizes: dict[str, dict[str, int]] = {}
-    for setting, datasets in _test_views(args).items():
+    for setting, datasets in _test_views(args, size).items():
         views: dict[str, tuple[Tensor, Tensor]] = {}
         for view, dataset in datasets.items():
             domain = view.split("_")[1]
@@ -680,7 +989,13 @@ def _parser() -> argparse.ArgumentParser:
         default="official",
         help="official (default) or sample4geo: gallery ids absent from the queries are junk",
     )
-    ap.add_argument("--image-size", type=int, default=256, help="model input size in pixels")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="model input size in pixels (default: the training size saved with the model, "
+        "else 256)",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument(
