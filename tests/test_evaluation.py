@@ -218,6 +218,32 @@ def test_estimates_outside_their_margin_fall_back_to_whole_rows(monkeypatch):
     assert sum(calls) == with_good.sum() > 0  # every row with a good item was redone
 
 
+def test_score_in_another_good_items_interval_is_not_exact():
+    # Good item 10 is estimated at 0.1 but scores 0.5, inside the interval kept for item 20:
+    # every bucket is kept for some good item, yet the ranks are wrong, so the row must be
+    # reported as not exact (and the caller ranks it again from its whole score row).
+    scores = torch.rand(1, 1000, generator=torch.Generator().manual_seed(0)) * 0.8
+    scores[0, 10], scores[0, 20], scores[0, 30] = 0.5, 0.5001, 0.1
+    good = torch.tensor([[10, 20, 30]])
+    estimate = torch.tensor([[0.1, 0.5001, 0.1]])
+    delta = torch.full((1, 3), 1e-6)
+    n_good = torch.tensor([3])
+    _, ok = evaluation._ranks_binned(
+        lambda a, b: scores[:, a:b].contiguous(), 1000, 256, estimate, delta, good, n_good
+    )
+    assert not bool(ok[0])
+    exact, ok = evaluation._ranks_binned(
+        lambda a, b: scores[:, a:b].contiguous(),
+        1000,
+        256,
+        scores[:, [10, 20, 30]],
+        torch.zeros(1, 3),
+        good,
+        n_good,
+    )
+    assert bool(ok[0]) and torch.equal(exact, good_ranks(scores, good, n_good))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_ties_equal_the_loop(seed):
     # Integer features in two dimensions: scores are small integers, so nearly every item ties

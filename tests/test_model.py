@@ -379,6 +379,19 @@ def test_config_that_does_not_match_the_weights(tmp_path):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json"):
         IMLNet.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "meta": [64]}))
+    with pytest.raises(CheckpointError, match="meta"):
+        IMLNet.from_pretrained(folder)
+
+
+def test_meta_round_trips_and_old_configs_load(tmp_path):
+    folder = small_model(irn=False, muml=False).save_pretrained(tmp_path / "m", {"image_size": 64})
+    assert IMLNet.from_pretrained(folder).input_size() == 64
+    config = json.loads((folder / "config.json").read_text())
+    del config["meta"]  # written before models recorded how they were trained
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = IMLNet.from_pretrained(folder)
+    assert loaded.meta == {} and loaded.input_size() == 256
 
 
 # --------------------------------------------------------------------------- arguments, imports

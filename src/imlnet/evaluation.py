@@ -219,9 +219,9 @@ def _in_parallel(
     The ranking runs hundreds of small operations; split inside each operation (torch's
     default) every one of them waits for all threads, and on a shared machine one descheduled
     thread stalls the others at every step (measured: 2 to 16 s instead of 0.9 s for satellite
-    -> drone under a load of 3); independent pieces only meet at the end. The torch thread
-    count is restored afterwards (torch's setting is process-wide, so other threads starting
-    torch work meanwhile would run with fewer threads).
+    -> drone under a load of 3); independent pieces only meet at the end. Each worker sets
+    its own torch thread count (per thread with OpenMP; MKL's setting is process-wide), and the
+    caller's count is restored afterwards, also when a worker raises.
     """
     threads = torch.get_num_threads()
     workers = min(CPU_WORKERS or threads, max(1, n // PIECE_QUERIES))
@@ -501,8 +501,8 @@ def _ranks_binned(
     good items ahead of its items; since the good items ahead of an item are the first ``v`` in
     ranking order, the item adds one to the ranks of slots ``v, v + 1, ...``: a histogram of
     ``v`` (a few dozen counters per row, in cache) and a running sum give the ranks. The exact
-    good scores are picked from the blocks as they pass, and the check that each fell in a kept
-    bucket is returned.
+    good scores are picked from the blocks as they pass, and the check that each fell in its own
+    estimate interval is returned.
 
     Args:
         score_block: ``(a, b) -> (C, b - a)`` contiguous scores of gallery items ``a:b``.
@@ -513,7 +513,8 @@ def _ranks_binned(
 
     Returns:
         ``(C, M)`` int64 ranks as :func:`good_ranks`, and ``(C,)`` bool: every exact good score
-        of the row fell in a kept bucket (its ranks are exact; otherwise they are not).
+        of the row fell in its own estimate interval (its ranks are exact; otherwise they are
+        not).
     """
     c, m = good_idx.shape
     dev, dtype = estimate.device, estimate.dtype
@@ -587,7 +588,10 @@ def _ranks_binned(
 
     thr, thr_idx = _ranking_order(exact.view(c, m), good_idx, valid, n)
     tb = torch.where(valid, bucket(thr), nb)
-    ok = torch.cat([kept, kept.new_ones(c, 1)], 1).gather(1, tb).all(1)
+    # Exact only if each good score fell in its *own* interval: the table counted every other
+    # item against the intervals, so a score in another good item's interval is not enough.
+    own = bucket(exact.view(c, m))
+    ok = (~valid | ((own >= first_b) & (own < last_b))).all(1)
     del table, kept, above
 
     # Set-aside items: p = the number of good items ahead of each (those in higher buckets,

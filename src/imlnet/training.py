@@ -149,7 +149,7 @@ class IMLNetModule(L.LightningModule):
                 prog_bar=name == "total",
                 on_step=True,
                 on_epoch=True,
-                sync_dist=self.trainer.world_size > 1,  # epoch means over all processes
+                sync_dist=True,  # epoch means over all processes (nothing to do in one)
             )
         return parts["total"]
 
@@ -211,7 +211,7 @@ class IMLNetModule(L.LightningModule):
                     prog_bar=key == "R@1" and stage == "val",
                     # identical on every process (features are gathered first): the mean of
                     # equal values is exact, and it tells Lightning the value is global
-                    sync_dist=self.trainer.world_size > 1,
+                    sync_dist=True,
                 )
 
     def on_validation_epoch_end(self) -> None:

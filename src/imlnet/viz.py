@@ -312,7 +312,9 @@ def _output_stems(paths: Sequence[Path]) -> list[str]:
     """File name stem of each query's figures: the image's stem, prefixed by its folder where
     stems repeat (University-1652 names the drone images of every building image-NN)."""
     counts = Counter(p.stem for p in paths)
-    return [f"{p.parent.name}_{p.stem}" if counts[p.stem] > 1 else p.stem for p in paths]
+    stems = [f"{p.parent.name}_{p.stem}" if counts[p.stem] > 1 else p.stem for p in paths]
+    repeats = Counter(stems)  # the same folder name and stem in two places: number them
+    return [f"{s}_{i}" if repeats[s] > 1 else s for i, s in enumerate(stems)]
 
 
 def _retrieval(

@@ -362,6 +362,8 @@ class IMLNet(nn.Module):
         if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
             raise CheckpointError(f"{config_file} is not an imlnet model config ({FORMAT})")
         meta = config.pop("meta", None) or {}
+        if not isinstance(meta, dict):
+            raise CheckpointError(f'{config_file}: "meta" must be an object, got {meta!r}')
         try:
             model = cls(**config)
         except (TypeError, ValueError) as err:
