@@ -30,11 +30,9 @@ import lightning as L
 import torch
 import yaml
 
-from imlnet.data.datamodule import CrossViewDataModule
 from imlnet.data.synthetic.generate import SynthConfig, generate
-from imlnet.demo import RECIPE
+from imlnet.demo import RECIPE, recipe_run
 from imlnet.io import write_json
-from imlnet.training import IMLNetModule
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("baseline", "irn", "muml", "drcl", "full")
@@ -56,23 +54,17 @@ def row_switches(row: str) -> dict[str, Any]:
 def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train one row with one seed, test it; metrics and timings."""
     L.seed_everything(seed, verbose=False)
-    dm = CrossViewDataModule(
-        root=str(data),
-        dataset="synthetic",
-        image_size=args.size,
-        batch_size=args.batch_size,
-        eval_batch_size=64,
-        sample_num=args.sample_num,
-        seed=seed,
-    )
     with tempfile.TemporaryDirectory(prefix="imlnet-ablation-") as tmp:
-        module = IMLNetModule(
-            num_classes=dm.num_classes,
+        dm, module = recipe_run(
+            data,
+            size=args.size,
+            batch_size=args.batch_size,
+            sample_num=args.sample_num,
+            seed=seed,
             backbone=args.backbone,
             crop_units=args.crop_units,
-            **RECIPE,
+            export_dir=Path(tmp) / "export",
             **row_switches(row),
-            export_dir=str(Path(tmp) / "export"),
         )
         trainer = L.Trainer(
             accelerator="cpu",

@@ -33,6 +33,46 @@ RECIPE = {
 }
 
 
+def recipe_run(
+    data: str | Path,
+    *,
+    size: int,
+    batch_size: int,
+    sample_num: int,
+    seed: int,
+    backbone: str,
+    crop_units: str,
+    export_dir: str | Path,
+    **switches,
+):
+    """The data module and the model the demo trains (``bench/ablation.py`` adds row switches).
+
+    Returns:
+        ``(CrossViewDataModule, IMLNetModule)`` on the synthetic benchmark at ``data``.
+    """
+    from imlnet.data.datamodule import CrossViewDataModule
+    from imlnet.training import IMLNetModule
+
+    dm = CrossViewDataModule(
+        root=str(data),
+        dataset="synthetic",
+        image_size=size,
+        batch_size=batch_size,
+        eval_batch_size=64,
+        sample_num=sample_num,
+        seed=seed,
+    )
+    module = IMLNetModule(
+        num_classes=dm.num_classes,
+        backbone=backbone,
+        crop_units=crop_units,
+        **RECIPE,
+        **switches,
+        export_dir=str(export_dir),
+    )
+    return dm, module
+
+
 def _log(msg: str) -> None:
     print(f"[imlnet demo] {msg}", flush=True)
 
@@ -91,27 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from imlnet.data.datamodule import CrossViewDataModule
-    from imlnet.training import IMLNetModule
-
     t = time.perf_counter()
     _log(f"2/5 training IML-Net ({args.backbone}, {args.epochs} epochs) on the CPU")
     L.seed_everything(args.seed, workers=True, verbose=False)
-    dm = CrossViewDataModule(
-        root=str(data),
-        dataset="synthetic",
-        image_size=args.size,
+    dm, module = recipe_run(
+        data,
+        size=args.size,
         batch_size=args.batch_size,
-        eval_batch_size=64,
         sample_num=4,
         seed=args.seed,
-    )
-    module = IMLNetModule(
-        num_classes=dm.num_classes,
         backbone=args.backbone,
         crop_units=args.crop_units,
-        **RECIPE,
-        export_dir=str(out / "model"),
+        export_dir=out / "model",
     )
     trainer = L.Trainer(
         accelerator="cpu",
