@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from imlnet.data.seeding import derive_seed
 from imlnet.errors import DatasetLayoutError, ImageReadError
 
 #: File suffixes read as images (compared lower-case, so ``.JPG`` counts).
@@ -152,16 +153,6 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
         raise ImageReadError(f"cannot read image {path}: {err}. {_SKIP_HINT}") from err
     array = np.array(rgb, dtype=np.uint8)  # (H, W, 3), a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-
-
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed mixed from integers (a hash: nearby inputs give unrelated seeds).
-
-    ``seed + epoch`` style sums collide (seed 0 epoch 1 == seed 1 epoch 0); a SeedSequence
-    does not.
-    """
-    words = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2)
-    return (int(words[0]) << 31 ^ int(words[1])) % 2**63
 
 
 def check_policy(on_bad_image: str) -> BadImagePolicy:
