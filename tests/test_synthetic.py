@@ -14,9 +14,11 @@ from PIL import Image
 from imlnet.cli import main as cli_main
 from imlnet.data.synthetic import generate as G
 from imlnet.data.synthetic import render as R
+from imlnet.data.synthetic.common import random_stream
 from imlnet.data.synthetic.scene import GRASS, ROOF, CityGenerator, Scene, SceneConfig
 from imlnet.data.synthetic.weather import WEATHERS, apply_weather
 from imlnet.errors import ImlnetError
+from imlnet.geo.coords import GEOD
 
 SMALL_SCENE = SceneConfig(extent_m=400.0, resolution_m=1.0)
 
@@ -93,8 +95,12 @@ def test_recorded_pose_projects_target_to_image_centre(tmp_path: Path) -> None:
                 u, v = cam.project(aim, 64)[0].tolist()
                 assert math.hypot(u - 32, v - 32) <= tol, (jitter, view)
                 assert view["altitude_m"] == view["camera_enu_m"][2]
-                north = (view["camera_lat"] - loc["lat"]) * G.METRES_PER_DEGREE
-                assert north == pytest.approx(view["camera_enu_m"][1], abs=0.05)
+                # lat/lon through pyproj: the geodesic distance and azimuth from the target
+                lon, lat = view["camera_lon"], view["camera_lat"]
+                az, _, dist = GEOD.inv(loc["lon"], loc["lat"], lon, lat)
+                x, y = view["camera_enu_m"][:2]
+                assert dist == pytest.approx(math.hypot(x, y), abs=0.05)
+                assert math.radians(az) == pytest.approx(math.atan2(x, y), abs=1e-3)
 
 
 def test_target_building_is_where_the_metadata_says(tiny_dataset: Path) -> None:
@@ -102,7 +108,7 @@ def test_target_building_is_where_the_metadata_says(tiny_dataset: Path) -> None:
     cfg = tiny_config()
     for bid, loc in meta["locations"].items():
         # The metadata footprint is the building's cells in the regenerated scene.
-        scene = CityGenerator(cfg.scene)(G._location_generator(cfg.seed, loc["index"], 0))
+        scene = CityGenerator(cfg.scene)(random_stream(cfg.seed, loc["index"], 0))
         mask = scene.building == loc["target"]["building_id"]
         rows, cols = mask.nonzero().unbind(1)
         res, half = scene.resolution_m, scene.half
@@ -264,12 +270,55 @@ def test_season_and_weather_options(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert {v["season"] for v in views} == {"winter"}
     assert {v["weather"] for v in views} <= {"fog", "night"}
     seen = {}
-    monkeypatch.setattr(
-        G, "generate", lambda cfg, out, **kw: seen.setdefault("cfg", cfg) and Path(out)
-    )
+    monkeypatch.setattr(G, "generate", lambda cfg, out, **kw: seen.update(cfg=cfg) or Path(out))
     assert cli_main(["synth", str(tmp_path / "c"), "--clean", "--views", "3", "--quiet"]) == 0
     assert seen["cfg"].seasons == {"summer": 1.0} and seen["cfg"].weather == {"clear": 1.0}
     assert seen["cfg"].views == 3
+    # one dialect: --image-size, its hidden alias --size, --workers, --device auto
+    assert cli_main(["synth", str(tmp_path / "c"), "--size", "48", "--quiet"]) == 0
+    assert seen["cfg"].size == 48
+    assert cli_main(["synth", str(tmp_path / "c"), "--image-size", "40", "--device", "cpu"]) == 0
+    assert seen["cfg"].size == 40
+
+
+def test_montage_flag_writes_a_picture(tmp_path: Path) -> None:
+    out = tmp_path / "montage.jpg"
+    assert cli_main(["synth", str(out), "--montage", "--image-size", "32", "--seed", "1"]) == 0
+    img = Image.open(out)
+    assert img.format == "JPEG" and img.size == (5 * 36 + 4, 2 * (32 + 16 + 4) + 4)
+
+
+def test_synthetic_package_has_no_import_circle() -> None:
+    """Static walk of the package's own imports (module level and inside functions)."""
+    import ast
+
+    root = Path(G.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        name = path.stem
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for mod in mods:
+                if mod.startswith("imlnet.data.synthetic."):
+                    deps.add(mod.split(".")[3])
+        graph[name] = deps - {name}
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph.get(start, ()))
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(graph.get(n, ()))
+        return seen
+
+    assert [m for m in graph if m in reach(m)] == []
 
 
 def test_world_mode_is_georeferenced(tmp_path: Path) -> None:

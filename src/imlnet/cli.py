@@ -16,7 +16,7 @@ from imlnet.errors import ImlnetError
 
 #: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("imlnet.data.synthetic.generate", "generate the synthetic multi-domain benchmark"),
+    "synth": ("imlnet.data.synthetic.cli", "generate the synthetic multi-domain benchmark"),
     "fit": ("imlnet.training", "train with a LightningCLI YAML config"),
     "validate": ("imlnet.training", "validate with a LightningCLI YAML config"),
     "test": ("imlnet.training", "test with a LightningCLI YAML config"),

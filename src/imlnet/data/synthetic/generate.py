@@ -19,38 +19,30 @@ Determinism: the same options and seed give byte-identical files (no timestamps 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from imlnet.data.synthetic import render as R
+from imlnet.data.synthetic.common import (
+    DEFAULT_SEASONS,
+    DEFAULT_WEATHER,
+    drone_view,
+    encode_jpeg,
+    random_stream,
+    staging_dir,
+)
 from imlnet.data.synthetic.scene import CityGenerator, Scene, SceneConfig
-from imlnet.data.synthetic.weather import WEATHERS, apply_weather
+from imlnet.data.synthetic.weather import WEATHERS
 from imlnet.errors import ImlnetError
+from imlnet.geo.coords import LocalFrame
 from imlnet.io import write_json
 
 FORMAT_VERSION = 1
-DEFAULT_WEATHER = {
-    "clear": 0.5,
-    "haze": 0.15,
-    "fog": 0.07,
-    "rain": 0.12,
-    "snow": 0.06,
-    "night": 0.10,
-}
-DEFAULT_SEASONS = {"spring": 0.25, "summer": 0.25, "autumn": 0.25, "winter": 0.25}
-METRES_PER_DEGREE = 111_320.0  # local east/north metres -> degrees (spherical, < 1 km offsets)
 
 
 @dataclass
@@ -110,17 +102,6 @@ class SynthConfig:
         return round(self.n_test * 250 / 701)
 
 
-def _location_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
-    """Independent random stream per (seed, location, purpose), whatever the rendering order."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + index) * 16 + stream)
-
-
-def _draw(table: dict[str, float], gen: torch.Generator) -> str:
-    names = list(table)
-    weights = torch.tensor([table[n] for n in names], dtype=torch.float64)
-    return names[int(torch.multinomial(weights, 1, generator=gen))]
-
-
 def orbit(cfg: SynthConfig, scene: Scene, gen: torch.Generator) -> list[R.Camera]:
     """Cameras of a descending orbit looking at the target (aim: half the target's height)."""
     aim_z = 0.5 * scene.target["height_m"]
@@ -145,19 +126,6 @@ def orbit(cfg: SynthConfig, scene: Scene, gen: torch.Generator) -> list[R.Camera
     return cams
 
 
-def _jpeg(img: torch.Tensor, quality: int) -> bytes:
-    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=0)
-    return buf.getvalue()
-
-
-def _latlon(lat0: float, lon0: float, x: float, y: float) -> tuple[float, float]:
-    lat = lat0 + y / METRES_PER_DEGREE
-    lon = lon0 + x / (METRES_PER_DEGREE * math.cos(math.radians(lat0)))
-    return round(lat, 7), round(lon, 7)
-
-
 @dataclass
 class RenderedLocation:
     satellite: bytes
@@ -169,11 +137,12 @@ def render_location(
     cfg: SynthConfig, index: int, device: str | torch.device = "cpu"
 ) -> RenderedLocation:
     """Generate one location's scene, satellite image and drone views (JPEG bytes) + metadata."""
-    gen = _location_generator(cfg.seed, index, 0)
+    gen = random_stream(cfg.seed, index, 0)
     scene = CityGenerator(cfg.scene, device)(gen)
     sun_az = 100.0 + 160.0 * float(torch.rand((), generator=gen))
     lat0 = round(-55.0 + 120.0 * float(torch.rand((), generator=gen)), 6)
     lon0 = round(-180.0 + 360.0 * float(torch.rand((), generator=gen)), 6)
+    frame = LocalFrame(lat0, lon0)  # east/north metres <-> WGS84 through pyproj
     light = R.SeasonLight(scene, sun_az)
     sat = R.render_satellite(scene, light.top("summer"), cfg.size, cfg.satellite_extent_m)
     gsd = cfg.satellite_extent_m / cfg.size
@@ -208,7 +177,7 @@ def render_location(
         },
         "views": [],
     }
-    view_gen = _location_generator(cfg.seed, index, 1)
+    view_gen = random_stream(cfg.seed, index, 1)
     views = []
     for i, cam in enumerate(orbit(cfg, scene, view_gen)):
         jpeg, season, weather = drone_view(
@@ -216,7 +185,7 @@ def render_location(
         )
         views.append(jpeg)
         x, y, z = cam.position
-        lat, lon = _latlon(lat0, lon0, x, y)
+        lat, lon = (round(v, 7) for v in frame.to_latlon(x, y))
         meta["views"].append(
             {
                 "file": f"image-{i + 1:02d}.jpeg",
@@ -232,67 +201,7 @@ def render_location(
                 "weather": weather,
             }
         )
-    return RenderedLocation(_jpeg(sat, cfg.jpeg_quality), views, meta)
-
-
-@contextlib.contextmanager
-def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling folder of ``out`` that replaces ``out`` when the block succeeds.
-
-    An interrupted run leaves no half dataset behind, and an existing ``out`` untouched (it is
-    refused unless ``overwrite``).
-    """
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ImlnetError(
-            f"{out} exists and is not empty; choose another folder or pass "
-            "--overwrite to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    tmp.chmod(0o777 & ~mask)  # mkdtemp makes it private; the dataset is an ordinary folder
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def draw_conditions(
-    seasons: dict[str, float], weather: dict[str, float], gen: torch.Generator
-) -> tuple[str, str]:
-    """A (season, weather) pair; falling snow outside winter becomes rain (or clear)."""
-    season, sky = _draw(seasons, gen), _draw(weather, gen)
-    if sky == "snow" and season != "winter":
-        sky = "rain" if weather.get("rain", 0) > 0 else "clear"
-    return season, sky
-
-
-def drone_view(
-    scene: Scene,
-    light: R.SeasonLight,
-    cam: R.Camera,
-    size: int,
-    seasons: dict[str, float],
-    weather: dict[str, float],
-    jpeg_quality: int,
-    gen: torch.Generator,
-) -> tuple[bytes, str, str]:
-    """One drone photo from ``cam`` in a drawn season and weather: (JPEG, season, weather)."""
-    season, sky = draw_conditions(seasons, weather, gen)
-    img, depth = R.render_drone(
-        scene, light.top(season), cam, size, light.sun(season), night=sky == "night", gen=gen
-    )
-    img = apply_weather(img, sky, generator=gen, depth=depth)
-    return _jpeg(img, jpeg_quality), season, sky
+    return RenderedLocation(encode_jpeg(sat, cfg.jpeg_quality), views, meta)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -318,7 +227,7 @@ def generate(
     out = Path(out)
     total = cfg.locations + cfg.n_distractors
     ids = _location_ids(cfg.seed, total)
-    order = torch.randperm(cfg.locations, generator=_location_generator(cfg.seed, -1, 2)).tolist()
+    order = torch.randperm(cfg.locations, generator=random_stream(cfg.seed, -1, 2)).tolist()
     split = {i: "train" for i in order[: cfg.n_train]}
     split.update({i: "test" for i in order[cfg.n_train :]})
     split.update({i: "distractor" for i in range(cfg.locations, total)})
@@ -362,7 +271,7 @@ def _location_ids(seed: int, total: int) -> list[str]:
     """Folder names like the real dataset's (``0839``): distinct, shuffled, zero-padded."""
     width = max(4, len(str(total * 4)))
     space = max(10_000, total * 4)
-    gen = _location_generator(seed, -1, 3)
+    gen = random_stream(seed, -1, 3)
     picks = torch.randperm(space, generator=gen)[:total].tolist()
     return [f"{p:0{width}d}" for p in picks]
 
@@ -371,116 +280,3 @@ def _config_dict(cfg: SynthConfig) -> dict:
     d = asdict(cfg)
     d["n_train"], d["n_test"], d["n_distractors"] = cfg.n_train, cfg.n_test, cfg.n_distractors
     return d
-
-
-def _probabilities(text: str, allowed: Sequence[str]) -> dict[str, float]:
-    """Parse ``clear=0.5,haze=0.2`` (or ``clean``)."""
-    table = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in allowed or not value:
-            raise argparse.ArgumentTypeError(
-                f"expected NAME=WEIGHT pairs with NAME in {', '.join(allowed)}, got {part!r}"
-            )
-        table[name] = float(value)
-    return table
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="imlnet synth",
-        description="Generate the synthetic multi-domain cross-view benchmark "
-        "(University-1652 layout + metadata.json).",
-    )
-    ap.add_argument("out", help="output folder (created; must be empty unless --overwrite)")
-    ap.add_argument("--locations", type=int, default=40, help="locations with queries (train+test)")
-    ap.add_argument("--views", type=int, default=54, help="drone views per location")
-    ap.add_argument("--size", type=int, default=256, help="image side in pixels")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-fraction", type=float, default=0.5)
-    ap.add_argument(
-        "--distractors",
-        type=int,
-        default=None,
-        help="gallery-only test locations (default: 250/701 of the test locations)",
-    )
-    ap.add_argument(
-        "--seasons",
-        type=lambda s: _probabilities(s, R.SEASONS),
-        default=None,
-        help="season weights, e.g. summer=1 or spring=1,winter=2 (default: uniform)",
-    )
-    ap.add_argument(
-        "--weather",
-        type=lambda s: _probabilities(s, WEATHERS),
-        default=None,
-        help="weather weights, e.g. clear=0.5,haze=0.2,fog=0.1,rain=0.1,night=0.1",
-    )
-    ap.add_argument(
-        "--clean",
-        action="store_true",
-        help="every view in clear summer weather (the single-domain setting)",
-    )
-    ap.add_argument("--no-jitter", action="store_true", help="exact orbit, no random offsets")
-    world = ap.add_argument_group("world mode (one georeferenced map + drone views over it)")
-    world.add_argument(
-        "--world",
-        action="store_true",
-        help="write a GeoTIFF orthophoto, drone views at known positions, truth.csv",
-    )
-    world.add_argument("--world-size-m", type=float, default=2000.0, help="side of the map")
-    world.add_argument("--gsd", type=float, default=0.5, help="metres per orthophoto pixel")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    seasons, weather = args.seasons or dict(DEFAULT_SEASONS), args.weather or dict(DEFAULT_WEATHER)
-    if args.clean:
-        seasons, weather = {"summer": 1.0}, {"clear": 1.0}
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.world:
-        from imlnet.data.synthetic.world import WorldConfig, generate_world
-
-        wcfg = WorldConfig(
-            extent_m=args.world_size_m,
-            gsd_m=args.gsd,
-            views=args.views,
-            size=args.size,
-            seed=args.seed,
-            seasons=seasons,
-            weather=weather,
-        )
-        out = generate_world(
-            wcfg, args.out, device=device, overwrite=args.overwrite, progress=not args.quiet
-        )
-        print(
-            f"wrote {out}: world.tif ({args.world_size_m:.0f} m square at {args.gsd} m/px), "
-            f"{args.views} drone views in drone/, truth.csv, metadata.json"
-        )
-        return 0
-    cfg = SynthConfig(
-        locations=args.locations,
-        views=args.views,
-        size=args.size,
-        seed=args.seed,
-        train_fraction=args.train_fraction,
-        distractors=args.distractors,
-        jitter=not args.no_jitter,
-        seasons=seasons,
-        weather=weather,
-    )
-    out = generate(cfg, args.out, device=device, overwrite=args.overwrite, progress=not args.quiet)
-    n_img = (cfg.locations + cfg.n_distractors) * (cfg.views + 1)
-    print(
-        f"wrote {out}: {cfg.n_train} train, {cfg.n_test} test and {cfg.n_distractors} "
-        f"distractor locations, {cfg.views} drone views each ({n_img} rendered images, "
-        f"{cfg.size} px); metadata in {out / 'metadata.json'}"
-    )
-    return 0

@@ -21,18 +21,6 @@ import torch.nn.functional as F
 
 # Material classes (values of ``Scene.kind``).
 GRASS, ROAD, PAVEMENT, WATER, TREE, ROOF, ROOF_DETAIL, CAR, MARKING, PARKING = range(10)
-MATERIAL_NAMES = (
-    "grass",
-    "road",
-    "pavement",
-    "water",
-    "tree",
-    "roof",
-    "roof_detail",
-    "car",
-    "marking",
-    "parking",
-)
 
 # Small shared palettes: many buildings look alike, as in real cities, so a match needs the
 # layout and the details rather than a unique colour.

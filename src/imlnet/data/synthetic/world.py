@@ -29,11 +29,11 @@ import torch
 from tqdm import tqdm
 
 from imlnet.data.synthetic import render as R
-from imlnet.data.synthetic.generate import (
+from imlnet.data.synthetic.common import (
     DEFAULT_SEASONS,
     DEFAULT_WEATHER,
-    _location_generator,
     drone_view,
+    random_stream,
     staging_dir,
 )
 from imlnet.data.synthetic.scene import CityGenerator, SceneConfig
@@ -88,7 +88,7 @@ def generate_world(
 
     cfg.validate()
     out = Path(out)
-    gen = _location_generator(cfg.seed, 0, 4)
+    gen = random_stream(cfg.seed, 0, 4)
     lat0 = -50.0 + 110.0 * float(torch.rand((), generator=gen))
     lon0 = -180.0 + 360.0 * float(torch.rand((), generator=gen))
     epsg = _utm_epsg(lat0, lon0)
@@ -123,7 +123,7 @@ def generate_world(
             dst.write(ortho)
         (tmp / "drone").mkdir()
         views, truth = [], []
-        view_gen = _location_generator(cfg.seed, 0, 5)
+        view_gen = random_stream(cfg.seed, 0, 5)
         lo, hi = -half + cfg.margin_m, half - cfg.margin_m
         for i in tqdm(
             range(cfg.views), desc="imlnet synth --world", unit="view", disable=not progress
@@ -182,9 +182,3 @@ def generate_world(
             },
         )
     return out
-
-
-def ortho_pixel(metadata: dict, easting: float, northing: float) -> tuple[float, float]:
-    """UTM coordinates -> fractional (column, row) of the orthophoto (for tests and plots)."""
-    a, _, c, _, e, f = metadata["transform"]
-    return (easting - c) / a, (northing - f) / e
