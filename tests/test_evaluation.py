@@ -435,6 +435,17 @@ class FakeModel:
         return F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.w[domain]
 
 
+def fake_loader(model):
+    """A stand-in for :func:`imlnet.inference.load_model` that returns ``model``."""
+    from imlnet.inference import LoadedModel, eval_transform
+
+    def load(checkpoint, device="auto", *, image_size=None):
+        size = image_size or 256
+        return LoadedModel(model, size, eval_transform(size))
+
+    return load
+
+
 def model_argv(tmp_path: Path, *extra: str) -> list[str]:
     return [
         *("--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data")),
@@ -451,7 +462,7 @@ def test_cli_model_on_dataset_folder(tmp_path, monkeypatch, capsys):
 
     write_test_views(tmp_path / "data" / "test", seed=8)
     model = FakeModel()
-    monkeypatch.setattr(evaluation, "_load_model", lambda checkpoint, device: model)
+    monkeypatch.setattr(evaluation, "load_model", fake_loader(model))
     out = tmp_path / "r.json"
     assert main(model_argv(tmp_path, "--out", str(out))) == 0
     assert "| satellite->drone |" in capsys.readouterr().out
@@ -475,7 +486,7 @@ def test_cli_model_sues200_per_altitude(tmp_path, monkeypatch, capsys):
     pytest.importorskip("imlnet.data.sues200")
     for altitude, seed in ((150, 10), (300, 11)):
         write_test_views(tmp_path / "data" / "Testing" / str(altitude), seed)
-    monkeypatch.setattr(evaluation, "_load_model", lambda checkpoint, device: FakeModel())
+    monkeypatch.setattr(evaluation, "load_model", fake_loader(FakeModel()))
     argv = model_argv(tmp_path, "--dataset", "sues200", "--altitudes", "150", "300")
     assert main(argv) == 0
     printed = capsys.readouterr().out

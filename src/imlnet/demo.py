@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from imlnet.data.transforms import build_transforms
     from imlnet.data.university1652 import University1652Test
     from imlnet.evaluation import evaluate_views, extract_features, format_table
+    from imlnet.inference import view_domain
     from imlnet.models.imlnet import IMLNet
 
     t = time.perf_counter()
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = IMLNet.from_pretrained(out / "model").eval()
     views = {}
     for view in ("query_drone", "gallery_satellite", "query_satellite", "gallery_drone"):
-        domain = "drone" if "drone" in view else "satellite"
+        domain = view_domain(view)
         ds = University1652Test(data, view, transform=build_transforms(domain, False, args.size))
         loader = torch.utils.data.DataLoader(ds, batch_size=64)
         views[view] = extract_features(

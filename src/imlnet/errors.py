@@ -30,3 +30,7 @@ class WeightsNotFoundError(ImlnetError, FileNotFoundError):
 
 class GeoError(ImlnetError, ValueError):
     """A raster, tile set or index cannot be used (no georeference, wrong bands, mismatch)."""
+
+
+class DeviceError(ImlnetError, ValueError):
+    """The requested device does not exist here (e.g. ``--device cuda`` without a GPU)."""

@@ -60,11 +60,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from imlnet.errors import DatasetLayoutError
+from imlnet.inference import embed, load_model, view_domain
 from imlnet.io import atomic_write, write_json
 
 Protocol = Literal["official", "sample4geo"]
@@ -723,9 +722,8 @@ def _score_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- features
-@torch.inference_mode()
 def extract_features(
-    encode: Callable[[Tensor], Tensor],
+    encode: Any,
     loader: Iterable[Any],
     *,
     device: str | torch.device | None = None,
@@ -733,49 +731,43 @@ def extract_features(
     image_key: str = "image",
     label_key: str = "label",
     progress: bool = True,
+    domain: str = "drone",
 ) -> tuple[Tensor, Tensor]:
-    """The official test features: ``encode(x) + encode(flip(x))``, then L2-normalised.
+    """The official test features of a labelled loader, and its labels.
 
-    Summing the descriptor of the image and of its horizontal mirror (University-1652's
-    ``extract_feature``) makes the feature nearly invariant to left-right flips, which the
-    drone orbits contain.
+    The features are :func:`imlnet.inference.embed`'s: ``encode(x) + encode(flip(x))``, then
+    L2-normalised; this adds the labels of each batch.
 
     Args:
-        encode: ``(B, 3, H, W) -> (B, D)`` descriptor function, e.g.
-            ``lambda x: model.encode(x, "drone")``.
+        encode: a model with ``encode(x, domain)`` (then ``domain`` picks the encoder), or a
+            ``(B, 3, H, W) -> (B, D)`` callable, e.g. ``lambda x: model.encode(x, "drone")``.
         loader: yields dicts with ``image_key`` ``(B, 3, H, W)`` and ``label_key`` ``(B,)``
             (the test datasets' ``{"image", "label", "path"}``), or ``(image, label)`` pairs.
-        device: where ``encode`` runs (default: the CPU).
+        device: where ``encode`` runs (default: the model's device, else the CPU).
         flip: add the mirrored image's descriptor (the official feature); False for one pass.
         image_key, label_key: dict keys of the images and labels.
         progress: show a tqdm bar.
+        domain: ``"drone"`` or ``"satellite"`` (or a view name) for a model.
 
     Returns:
         ``features (N, D)`` float32 on the CPU, unit L2 norm, and ``labels (N,)`` int64.
 
     Raises:
-        DatasetLayoutError: a batch lacks the image or label key, or the encoder does not
-            return one row per image.
+        DatasetLayoutError: a batch lacks the image or label key.
+        CheckpointError: the encoder does not return one row per image.
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    feats: list[Tensor] = []
     labels: list[Tensor] = []
-    for batch in tqdm(loader, desc="features", unit="batch", disable=not progress):
-        images, batch_labels = _unpack(batch, image_key, label_key)
-        x = images.to(dev)
-        f = encode(x).float()
-        if flip:
-            f = f + encode(torch.flip(x, dims=[3])).float()
-        if f.ndim != 2 or len(f) != len(x):
-            raise DatasetLayoutError(
-                f"the encoder returned shape {tuple(f.shape)} for {len(x)} images; "
-                "expected one descriptor row per image, (B, D)"
-            )
-        feats.append(F.normalize(f, dim=1).cpu())
-        labels.append(torch.as_tensor(batch_labels).reshape(-1).to(torch.int64).cpu())
-    if not feats:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
-    return torch.cat(feats), torch.cat(labels)
+
+    def images() -> Iterator[Tensor]:
+        for batch in loader:
+            x, y = _unpack(batch, image_key, label_key)
+            labels.append(torch.as_tensor(y).reshape(-1).to(torch.int64).cpu())
+            yield x
+
+    feats = embed(encode, images(), domain, flip=flip, device=device, progress=progress)
+    if not labels:
+        return feats, torch.empty(0, dtype=torch.int64)
+    return feats, torch.cat(labels)
 
 
 def _unpack(batch: Any, image_key: str, label_key: str) -> tuple[Tensor, Any]:
@@ -904,41 +896,27 @@ def evaluate_views(
 
 
 # --------------------------------------------------------------------------- imlnet evaluate
-def _load_model(checkpoint: str | Path, device: torch.device) -> Any:
-    """``IMLNet.from_pretrained(checkpoint)`` in eval mode on ``device`` (tests replace this)."""
-    from imlnet.models.imlnet import IMLNet  # lazy: only the model path needs the model
-
-    return IMLNet.from_pretrained(checkpoint).to(device).eval()
-
-
-def _test_views(args: argparse.Namespace, size: int) -> dict[str, dict[str, Any]]:
-    """setting -> view -> test dataset at ``size`` pixels, for the chosen benchmark."""
-    from imlnet.data.transforms import build_transforms  # lazy: heavy, and not needed for .npz
-
-    def transform(view: str) -> Any:
-        return build_transforms(view.split("_")[1], train=False, size=size)
-
+def _test_views(args: argparse.Namespace, transform: Any) -> dict[str, dict[str, Any]]:
+    """setting -> view -> test dataset through ``transform``, for the chosen benchmark."""
     if args.dataset == "sues200":
         from imlnet.data.sues200 import SUES200Test
 
         return {
-            f"{alt}m": {v: SUES200Test(args.data, alt, v, transform=transform(v)) for v in VIEWS}
+            f"{alt}m": {v: SUES200Test(args.data, alt, v, transform=transform) for v in VIEWS}
             for alt in args.altitudes
         }
     from imlnet.data.university1652 import University1652Test  # the synthetic set shares it
 
-    return {"": {v: University1652Test(args.data, v, transform=transform(v)) for v in VIEWS}}
+    return {"": {v: University1652Test(args.data, v, transform=transform) for v in VIEWS}}
 
 
 def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
-    model = _load_model(args.checkpoint, device)
-    size = args.image_size or getattr(model, "input_size", lambda: 256)()
+    loaded = load_model(args.checkpoint, device, image_size=args.image_size)
     results: dict[str, dict[str, float]] = {}
     sizes: dict[str, dict[str, int]] = {}
-    for setting, datasets in _test_views(args, size).items():
+    for setting, datasets in _test_views(args, loaded.transform).items():
         views: dict[str, tuple[Tensor, Tensor]] = {}
         for view, dataset in datasets.items():
-            domain = view.split("_")[1]
             loader = torch.utils.data.DataLoader(
                 dataset,
                 batch_size=args.batch_size,
@@ -947,8 +925,9 @@ def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dic
                 pin_memory=device.type == "cuda",
             )
             views[view] = extract_features(
-                lambda x, d=domain: model.encode(x, d),
+                loaded.model,
                 loader,
+                domain=view_domain(view),
                 device=device,
                 progress=not args.quiet,
             )

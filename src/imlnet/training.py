@@ -19,17 +19,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from imlnet.evaluation import evaluate_views
+from imlnet.inference import embed, view_domain
 from imlnet.losses import IMLNetObjective
 from imlnet.models.imlnet import IMLNet
-
-
-def _domain(view: str) -> Literal["drone", "satellite"]:
-    return "drone" if "drone" in view else "satellite"
 
 
 class IMLNetModule(L.LightningModule):
@@ -164,11 +160,11 @@ class IMLNetModule(L.LightningModule):
         return tuple(getattr(dm, f"{stage}_views", default))
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, idx: int) -> None:
-        """Official feature: descriptor of the image plus of its mirror image, L2-normalised."""
+        """Official feature (:func:`imlnet.inference.embed`), kept on the device to gather."""
         x = self._prepare(batch["image"])
-        domain = _domain(self._views(stage)[idx])
-        feat = self.model.encode(x, domain) + self.model.encode(torch.flip(x, dims=[3]), domain)
-        self._features.setdefault(idx, []).append(F.normalize(feat.float(), dim=1))
+        domain = view_domain(self._views(stage)[idx])
+        feat = embed(self.model, x, domain, batch_size=len(x), device=x.device)
+        self._features.setdefault(idx, []).append(feat.to(self.device))
         self._labels.setdefault(idx, []).append(batch["label"])
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

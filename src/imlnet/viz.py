@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imlnet.errors import DatasetLayoutError, ImageReadError
+from imlnet.cliargs import add_common, resolve_device
+from imlnet.errors import DatasetLayoutError
+from imlnet.inference import embed, load_model, read_image
 from imlnet.io import atomic_path
 
 
@@ -261,16 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="class whose CAM to show (default: the model's prediction)",
     )
-    ap.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="model input side, a multiple of 32 (default: the training size saved with the "
-        "model, else 256)",
-    )
-    ap.add_argument("--batch-size", type=int, default=32, help="gallery images per batch")
     ap.add_argument("--out", default="runs/visualize")
-    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:0")
+    add_common(ap, image_size=None, batch_size=32, device=True)
     return ap
 
 
@@ -278,18 +272,9 @@ def _note(message: str) -> None:
     print(f"imlnet visualize: note: {message}", file=sys.stderr)
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """``(3, H, W)`` float in [0, 1]; a missing or undecodable file raises ImageReadError."""
-    from imlnet.data.folders import read_image
-
-    if not path.is_file():
-        raise ImageReadError(f"{path}: image not found; check the path")
-    try:
-        return read_image(path)
-    except ImageReadError as err:
-        raise ImageReadError(
-            f"{path}: cannot decode image ({err.__cause__}); replace it with a JPEG or PNG file"
-        ) from err
+def _thumbnail(path: Path) -> np.ndarray:
+    """``(H, W, 3)`` float in [0, 1] of an image file, for display."""
+    return np.asarray(read_image(path), dtype=np.float32) / 255.0
 
 
 def _gallery_files(root: Path) -> tuple[list[Path], list[str | None]]:
@@ -339,7 +324,7 @@ def _retrieval(
         correct = np.array([[ids[j] == query_id for j in top]])
         rank = next(r for r, j in enumerate(order) if ids[j] == query_id)
         title += f"\nbuilding {query_id}, true match #{rank + 1}"
-    images = [to_numpy_image(_read_image(files[j]), normalized=False) for j in top]
+    images = [_thumbnail(files[j]) for j in top]
     return retrieval_grid([to_numpy_image(query)], [images], correct, scores[top][None], [title])
 
 
@@ -356,9 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatasetLayoutError: ``--gallery`` is not a folder or holds no image.
         CheckpointError: ``--checkpoint`` is not a model folder written by save_pretrained.
     """
-    from imlnet.data.transforms import build_transforms
-    from imlnet.geo.index import embed_images
-    from imlnet.models.imlnet import CROP_NAMES, IMLNet
+    from imlnet.models.imlnet import CROP_NAMES
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -366,21 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--k and --batch-size must be >= 1")
     if args.image_size is not None and (args.image_size < 32 or args.image_size % 32):
         ap.error(f"--image-size must be a positive multiple of 32, got {args.image_size}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {device}: no CUDA device is available here; use --device cpu")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     queries = [Path(p) for p in args.images]
-    drones = [_read_image(p) for p in queries]  # every input is checked before the model loads
-    satellite = _read_image(Path(args.satellite)) if args.satellite else None
+    drones = [read_image(p) for p in queries]  # every input is checked before the model loads
+    satellite = read_image(Path(args.satellite)) if args.satellite else None
     files, ids = _gallery_files(Path(args.gallery)) if args.gallery else ([], [])
-    model = IMLNet.from_pretrained(args.checkpoint, map_location=device)
+    loaded = load_model(args.checkpoint, device, image_size=args.image_size)
+    model, transform = loaded.model, loaded.transform
     if args.label is not None and not 0 <= args.label < model.num_classes:
         ap.error(f"--label must be a class of the model, 0..{model.num_classes - 1}")
-    size = args.image_size or model.input_size()
-    drone_tf = build_transforms("drone", False, size)
-    satellite_tf = build_transforms("satellite", False, size)
     if not (model.irn_enabled or model.muml_enabled or files):
         ap.error(
             f"{args.checkpoint}: the model has neither IRN nor MUML heads, so only a retrieval "
@@ -394,19 +373,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "computed from the unit classifiers)"
         )
     gallery = None
-    if files:
-        gallery = embed_images(
-            lambda x: model.encode(x, "satellite"),
+    if files:  # the evaluation's features (image + mirror), so the grid ranks as it does
+        gallery = embed(
+            model,
             files,
-            transform=satellite_tf,
+            "satellite",
+            transform=transform,
             batch_size=args.batch_size,
             device=device,
-            desc="embedding the gallery",
-        )
-    sat = satellite_tf(satellite)[None] if satellite is not None else None
+            progress=True,
+        ).numpy()
+    sat = transform(satellite)[None] if satellite is not None else None
     out = Path(args.out)
     for path, stem, image in zip(queries, _output_stems(queries), drones, strict=True):
-        x = drone_tf(image)[None].to(device)
+        x = transform(image)[None].to(device)
         written = []
         with torch.no_grad():
             output = model(x, "drone")
@@ -428,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gallery is not None:
                 fig = _retrieval(
                     x[0].cpu(),
-                    output.descriptor[0],
+                    embed(model, x, "drone")[0],
                     gallery,
                     files,
                     ids,

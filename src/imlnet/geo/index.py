@@ -32,11 +32,12 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
+from PIL import Image
 
-from imlnet.errors import CheckpointError, GeoError, ImageReadError
+from imlnet import inference
+from imlnet.errors import CheckpointError, GeoError
 from imlnet.geo.tiling import TileSet, cell_text, read_csv, read_tileset, write_csv
+from imlnet.inference import embed
 from imlnet.io import atomic_path, write_json
 
 FORMAT = "imlnet-gallery-index"
@@ -450,27 +451,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 # -- embedding ----------------------------------------------------------------------------
-class _ImageFiles(torch.utils.data.Dataset):
-    """Images read with PIL (converted to RGB) and passed through ``transform``."""
-
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except FileNotFoundError as err:
-            raise ImageReadError(f"{path}: image not found") from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise ImageReadError(f"{path}: cannot decode image ({err}); replace it") from err
-        return self.transform(rgb)
-
-
 def embed_images(
     encode: Callable[[torch.Tensor], torch.Tensor],
     paths: Sequence[str | Path],
@@ -482,40 +462,26 @@ def embed_images(
     progress: bool = True,
     desc: str = "embedding",
 ) -> np.ndarray:
-    """Descriptors ``(N, D)`` float32 of image files, in batches, without gradients.
+    """Descriptors ``(N, D)`` float32 (L2-normalised, one pass, no mirror) of image files.
 
-    Args:
-        encode: maps a batch ``(B, 3, H, W)`` on ``device`` to descriptors ``(B, D)``.
-        paths: image files (any PIL format; converted to RGB).
-        transform: PIL image -> ``(3, H, W)`` tensor (the model's eval transform).
-        batch_size: images per call of ``encode``.
-        device: where batches go.
-        num_workers: DataLoader worker processes for decoding.
-        progress: show a tqdm bar.
-        desc: the bar's label.
+    A thin wrapper of :func:`imlnet.inference.embed` (``flip=False``, as the index has always
+    been built) kept for the geo commands; new code calls ``embed`` directly.
 
     Raises:
         ImageReadError: an image is missing or cannot be decoded (named).
-        GeoError: ``encode`` returned something that is not ``(B, D)``.
     """
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles([Path(p) for p in paths], transform),
-        batch_size=max(1, int(batch_size)),
-        shuffle=False,
-        num_workers=num_workers,
-    )
-    chunks: list[np.ndarray] = []
-    with torch.inference_mode(), tqdm(total=len(paths), desc=desc, disable=not progress) as bar:
-        for batch in loader:
-            out = encode(batch.to(device))
-            if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(batch):
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise GeoError(f"encoder returned {shape}, expected ({len(batch)}, D)")
-            chunks.append(out.detach().to("cpu", torch.float32).numpy())
-            bar.update(len(batch))
-    if not chunks:
-        return np.zeros((0, 0), np.float32)
-    return np.concatenate(chunks)
+    return embed(
+        encode,
+        [Path(p) for p in paths],
+        "satellite",
+        flip=False,
+        batch_size=batch_size,
+        workers=num_workers,
+        device=device,
+        transform=transform,
+        progress=progress,
+        desc=desc,
+    ).numpy()
 
 
 def build_index(
@@ -598,17 +564,13 @@ def build_index(
 
 # -- model glue (isolated so that tests can replace it) -----------------------------------
 def load_model(checkpoint: str | Path, device: str | torch.device) -> Any:
-    """Load ``IMLNet.from_pretrained(checkpoint)`` in eval mode on ``device``."""
-    from imlnet.models.imlnet import IMLNet  # lazy: serving imports the model only here
-
-    return IMLNet.from_pretrained(checkpoint, map_location=device).to(device).eval()
+    """The model of :func:`imlnet.inference.load_model`, in eval mode on ``device``."""
+    return inference.load_model(checkpoint, device).model
 
 
 def eval_transform(view: str, size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform of ``view`` ("satellite" or "drone") at ``size`` pixels."""
-    from imlnet.data.transforms import build_transforms
-
-    return build_transforms(view, train=False, size=size)
+    """:func:`imlnet.inference.eval_transform` (the same for both views) at ``size`` pixels."""
+    return inference.eval_transform(size)
 
 
 def model_encoder(model: Any, domain: str) -> Callable[[torch.Tensor], torch.Tensor]:
