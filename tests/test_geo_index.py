@@ -15,11 +15,12 @@ from PIL import Image
 from rasterio.transform import from_origin
 from torchvision.transforms.functional import pil_to_tensor
 
+from imlnet import inference
 from imlnet.cli import main as cli_main
 from imlnet.errors import CheckpointError, GeoError, ImageReadError
-from imlnet.geo import index as gindex
 from imlnet.geo.index import GalleryIndex, build_index, checkpoint_hash
 from imlnet.geo.tiling import tile_geotiff
+from imlnet.inference import LoadedModel
 
 TYPES = ("flat", "ivf", "hnsw")
 PARAMS = {"flat": {}, "ivf": {"nlist": 8, "nprobe": 3}, "hnsw": {"M": 16, "efSearch": 64}}
@@ -254,8 +255,11 @@ def test_build_index_from_tiles(tmp_path: Path) -> None:
 def test_cli_index_build_append_and_refuse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(gindex, "load_model", lambda ckpt, device: FakeModel())
-    monkeypatch.setattr(gindex, "eval_transform", lambda view, size: to_tensor)
+    monkeypatch.setattr(
+        inference,
+        "load_model",
+        lambda ckpt, device, image_size=None: LoadedModel(FakeModel(), 64, to_tensor),
+    )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"weights-one")

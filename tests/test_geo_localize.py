@@ -18,12 +18,14 @@ from pyproj import Geod, Transformer
 from rasterio.transform import from_origin
 from torchvision.transforms.functional import pil_to_tensor
 
+from imlnet import inference
 from imlnet.cli import main as cli_main
 from imlnet.errors import GeoError
-from imlnet.geo import index as gindex
 from imlnet.geo.index import build_index
 from imlnet.geo.localize import estimate_position, localize, read_truth, to_geojson, write_outputs
-from imlnet.geo.tiling import TILE_COLUMNS, TileSet, read_tileset, tile_geotiff, write_csv
+from imlnet.geo.tables import TILE_COLUMNS, TileSet, read_tileset, write_csv
+from imlnet.geo.tiling import tile_geotiff
+from imlnet.inference import LoadedModel
 
 GEOD = Geod(ellps="WGS84")
 LAT0, LON0 = 47.5, 8.5
@@ -282,12 +284,11 @@ def test_cli_localize(
 ) -> None:
     models: list[FakeModel] = []
 
-    def fake_load(ckpt, device, dim: int = 32) -> FakeModel:
+    def fake_load(ckpt, device, image_size=None, dim: int = 32) -> LoadedModel:
         models.append(FakeModel(dim))
-        return models[-1]
+        return LoadedModel(models[-1], 64, to_tensor)
 
-    monkeypatch.setattr(gindex, "load_model", fake_load)
-    monkeypatch.setattr(gindex, "eval_transform", lambda view, size: to_tensor)
+    monkeypatch.setattr(inference, "load_model", fake_load)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"weights-one")
@@ -325,7 +326,9 @@ def test_cli_localize(
     )
     capsys.readouterr()
     # another model's descriptors: refused before any image is read
-    monkeypatch.setattr(gindex, "load_model", lambda c, d: fake_load(c, d, dim=64))
+    monkeypatch.setattr(
+        inference, "load_model", lambda c, d, image_size=None: fake_load(c, d, dim=64)
+    )
     assert cli_main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
     assert "makes 64-d" in capsys.readouterr().err
     (ckpt / "model.safetensors").write_bytes(b"weights-two")

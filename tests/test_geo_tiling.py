@@ -14,7 +14,8 @@ from rasterio.transform import from_origin
 
 from imlnet.cli import main as cli_main
 from imlnet.errors import GeoError
-from imlnet.geo.tiling import TILE_COLUMNS, read_tileset, tile_geotiff
+from imlnet.geo.tables import TILE_COLUMNS, read_tileset
+from imlnet.geo.tiling import plan_tiles, tile_geotiff
 
 GEOD = Geod(ellps="WGS84")
 W, H = 512, 384
@@ -208,5 +209,47 @@ def test_cli_tile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main([*argv, "--out-px", "32", "--quiet"]) == 0
     assert "20 tiles" in capsys.readouterr().out
     assert len(read_tileset(tmp_path / "t")) == 20
+    # --image-size is the flag of every command; --out-px stays as a hidden alias
+    other = [*argv[:2], str(tmp_path / "s"), *argv[3:], "--image-size", "24", "--quiet"]
+    assert cli_main(other) == 0
+    first = read_tileset(tmp_path / "s").rows[0]["path"]
+    assert Image.open(tmp_path / "s" / first).size == (24, 24)
+    capsys.readouterr()
     assert cli_main(["tile", str(tmp_path / "missing.tif"), str(tmp_path / "u"), "--quiet"]) == 2
     assert "missing.tif" in capsys.readouterr().err
+
+
+def test_plan_tiles_without_io() -> None:
+    """The window plan is a pure function of the raster's size and ground pixel size."""
+    plan = plan_tiles((W, H), (0.5, 0.5), tile_size_m=60, stride_m=30, cover_edges=False)
+    assert plan.tile_px == (120, 120) and len(plan) == 7 * 5
+    assert plan.cols == (0, 60, 120, 180, 240, 300, 360) and plan.rows == (0, 60, 120, 180, 240)
+    assert plan.windows()[:2] == [(0, 0), (0, 60)]  # (row_off, col_off), row by row
+    edges = plan_tiles((W, H), (0.5, 0.5), tile_size_m=60, stride_m=30)
+    assert edges.cols[-1] == W - 120 and edges.rows[-1] == H - 120 and len(edges) == 8 * 6
+    # anisotropic pixels: 120 x 60 px windows, strides of 60 and 30 px
+    aniso = plan_tiles((W, H), (0.5, 1.0), tile_size_m=60, stride_m=30, cover_edges=False)
+    assert aniso.tile_px == (120, 60) and aniso.cols[1] == 60 and aniso.rows[1] == 30
+    # a fractional stride in pixels is rounded per window, not accumulated
+    frac = plan_tiles((100, 100), (1.0, 1.0), tile_size_m=10, stride_m=2.5, cover_edges=False)
+    assert frac.cols[:5] == (0, 2, 5, 8, 10)
+
+
+def test_plan_refuses_tiny_tiles_and_sub_pixel_strides() -> None:
+    # 300 m pixels (RGB.byte.tif-like): 180 m tiles would be one pixel
+    with pytest.raises(
+        GeoError,
+        match=r"map\.tif: a tile of 180 m is 1 x 1 px .*300 x 300 m.*"
+        r"at least 8 px.*--tile-size-m between 2.4e\+03 and",
+    ):
+        plan_tiles((791, 718), (300.0, 300.0), tile_size_m=180, stride_m=45, where="map.tif")
+    with pytest.raises(
+        GeoError,
+        match=r"a stride of 0.2 m is under one pixel \(0.5 x 0.5 m\).*"
+        r"--stride-m between 0.5 and 60",
+    ):
+        plan_tiles((W, H), (0.5, 0.5), tile_size_m=60, stride_m=0.2)
+    with pytest.raises(GeoError, match=r"1000 m \(2000 x 2000 px\).*512 x 384 px"):
+        plan_tiles((W, H), (0.5, 0.5), tile_size_m=1000, stride_m=60)
+    # the smallest tile and stride that are allowed
+    assert plan_tiles((W, H), (0.5, 0.5), tile_size_m=4, stride_m=0.5).tile_px == (8, 8)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pyproj import CRS, Geod, Transformer
-from pyproj.exceptions import CRSError
+from affine import Affine
+from pyproj import CRS, Geod, Proj, Transformer
+from pyproj.exceptions import CRSError, ProjError
 
 from imlnet.errors import GeoError
 
 WGS84 = CRS.from_epsg(4326)
+_CORNERS = ((0, 0), (0, 1), (1, 1), (1, 0))  # (col, row) fractions of a window, CCW on the map
 #: The ellipsoid used for every distance the package reports (metres on WGS84).
 GEOD = Geod(ellps="WGS84")
 
@@ -39,18 +42,6 @@ def crs_label(crs: CRS) -> str:
     """
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()
-
-
-def parse_crs(text: str, *, where: str = "") -> CRS:
-    """Parse a CRS written by :func:`crs_label` (EPSG code, WKT or PROJ string).
-
-    Raises:
-        GeoError: the text is not a CRS; ``where`` names the file it came from.
-    """
-    try:
-        return CRS.from_user_input(text)
-    except CRSError as err:
-        raise GeoError(f"{where or 'CRS'}: cannot parse CRS {text[:80]!r}: {err}") from err
 
 
 def metres_per_degree(lat: float, crs: CRS | None = None) -> tuple[float, float]:
@@ -92,10 +83,97 @@ def to_wgs84(
     return np.atleast_1d(np.asarray(lon, float)), np.atleast_1d(np.asarray(lat, float))
 
 
+def ground_pixel_size(ds: Any) -> tuple[float, float]:
+    """Ground metres covered by one pixel along x (columns) and y (rows) at a raster's centre.
+
+    Projected CRS: CRS units -> metres via the axis unit, divided by the projection's scale
+    factor at the centre (pyproj ``get_factors``; so that Web Mercator tiles are really as wide
+    on the ground as asked). Geographic CRS: degrees -> metres via :func:`metres_per_degree`.
+
+    Args:
+        ds: an open rasterio dataset (its ``crs``, ``transform``, ``width``, ``height``).
+
+    Raises:
+        GeoError: the raster's centre has no latitude/longitude in its CRS (e.g. a
+            geostationary view centred off the Earth's disk).
+    """
+    t, crs = ds.transform, as_crs(ds.crs)
+    step_x, step_y = math.hypot(t.a, t.d), math.hypot(t.b, t.e)  # CRS units per pixel
+    cx, cy = t @ (ds.width / 2, ds.height / 2)
+    lon, lat = (float(v[0]) for v in to_wgs84(crs, [cx], [cy]))
+    if not (math.isfinite(lon) and math.isfinite(lat)):
+        raise GeoError(
+            f"{ds.name}: the raster's centre ({cx:.6g}, {cy:.6g}) has no latitude/longitude in "
+            f"its CRS ({crs_label(crs)[:80]}); cut the part of the raster that shows the Earth "
+            "(gdal_translate -projwin) or reproject it (gdalwarp)"
+        )
+    if crs.is_geographic:
+        m_lon, m_lat = metres_per_degree(lat, crs)
+        return step_x * m_lon, step_y * m_lat
+    unit = linear_unit_metres(crs)
+    try:
+        factors = Proj(crs).get_factors(lon, lat)
+        kx, ky = float(factors.parallel_scale), float(factors.meridional_scale)
+    except (ProjError, RuntimeError, ValueError):
+        kx = ky = 1.0
+    if not (math.isfinite(kx) and math.isfinite(ky) and kx > 0 and ky > 0):
+        kx = ky = 1.0
+    return step_x * unit / kx, step_y * unit / ky
+
+
 def geodesic_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     """Geodesic distance in metres between two WGS84 points (pyproj.Geod, WGS84 ellipsoid)."""
     _, _, dist = GEOD.inv(lon1, lat1, lon2, lat2)
     return float(dist)
+
+
+@dataclass
+class WindowPlaces:
+    """Where a plan's windows lie: centres in the source CRS, centres and corners in WGS84.
+
+    Attributes:
+        center_xy: ``(N, 2)`` window centres in the source CRS.
+        center_lonlat: ``(N, 2)`` the same in WGS84 degrees.
+        corners_lonlat: ``(N, 4, 2)`` the windows' corners in WGS84 (top-left, bottom-left,
+            bottom-right, top-right).
+        ok: ``(N,)`` True where the centre and all four corners have a finite lat/lon.
+    """
+
+    center_xy: np.ndarray
+    center_lonlat: np.ndarray
+    corners_lonlat: np.ndarray
+    ok: np.ndarray
+
+
+def locate_windows(
+    transform: Affine,
+    crs: CRS,
+    tile_px: tuple[int, int],
+    windows: Sequence[tuple[int, int]],
+) -> WindowPlaces:
+    """Project pixel windows of a raster to WGS84 (no raster read).
+
+    Args:
+        transform: the raster's geotransform (pixel -> CRS).
+        crs: the raster's CRS.
+        tile_px: the windows' ``(width, height)`` in pixels.
+        windows: ``(row_off, col_off)`` per window.
+
+    Windows whose centre or a corner does not transform (outside a projection's valid area,
+    e.g. off the Earth's disk in a geostationary view) are marked ``ok=False``.
+    """
+    (tw, th), windows = tile_px, np.asarray(windows, float).reshape(-1, 2)
+    rows, cols = windows[:, 0], windows[:, 1]
+    cx, cy = transform @ (cols + tw / 2, rows + th / 2)
+    corner_cols = np.stack([cols + dc * tw for dc, _ in _CORNERS], axis=1)
+    corner_rows = np.stack([rows + dr * th for _, dr in _CORNERS], axis=1)
+    kx, ky = transform @ (corner_cols.ravel(), corner_rows.ravel())
+    lon, lat = to_wgs84(crs, np.concatenate([cx, kx]), np.concatenate([cy, ky]))
+    n = len(windows)
+    center = np.stack([lon[:n], lat[:n]], axis=1)
+    corners = np.stack([lon[n:], lat[n:]], axis=1).reshape(n, 4, 2)
+    ok = np.isfinite(center).all(axis=1) & np.isfinite(corners).all(axis=(1, 2))
+    return WindowPlaces(np.stack([cx, cy], axis=1), center, corners, ok)
 
 
 class LocalFrame:

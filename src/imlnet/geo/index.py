@@ -1,18 +1,11 @@
-"""A searchable gallery of tile descriptors: FAISS index + metadata table + manifest.
+"""``imlnet index``: embed gallery tiles with a model and store them as a searchable gallery.
 
-A gallery folder holds three files, each written atomically:
-
-- ``index.faiss``: the descriptors in FAISS, searched by inner product. Descriptors are
-  L2-normalised on the way in (the model's radius-``r`` descriptors only differ by the factor
-  ``r``), so a score is the cosine similarity in [-1, 1] whatever the radius.
-  ``flat`` (exact, default), ``ivf`` (inverted lists, trained on the data) or ``hnsw`` (graph).
-- ``metadata.csv``: one row per vector, in index order: tile path, lat, lon, CRS, source, and
-  every other column of the tile table.
-- ``manifest.json``: format version, the sha256 of the checkpoint's ``model.safetensors``,
-  descriptor dim, radius, model config, index type and parameters, count, creation time.
-
-The manifest is written last; :meth:`GalleryIndex.load` checks that the three files agree, so an
-interrupted save is reported instead of giving wrong answers. Searching needs no model.
+The gallery itself (FAISS index, metadata, manifest; no model needed to search it) is
+:class:`imlnet.geo.gallery.GalleryIndex`. This module is the part that needs a model: the
+checkpoint's hash, embedding tile images, :func:`build_index` and the command. Every input (the
+tile tables, their rows, the existing gallery, the model's descriptor size) is checked before
+the first image is embedded; the gallery folder is replaced as a whole at the end, so a failure
+or a kill leaves the previous gallery as it was (rerun the command to finish the job).
 
     imlnet index tiles/ --checkpoint runs/ckpt --out gallery/ [--type flat|ivf|hnsw] [--append]
 """
@@ -20,39 +13,43 @@ interrupted save is reported instead of giving wrong answers. Searching needs no
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
-import json
-import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from PIL import Image
 
 from imlnet import inference
-from imlnet.errors import CheckpointError, GeoError
-from imlnet.geo.tiling import TileSet, cell_text, read_csv, read_tileset, write_csv
-from imlnet.inference import embed
-from imlnet.io import atomic_path, write_json
+from imlnet.cliargs import add_common, resolve_device
+from imlnet.errors import CheckpointError, GeoError, ImageReadError
+from imlnet.geo.gallery import (
+    DEFAULT_PARAMS,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    GalleryIndex,
+    IndexType,
+    new_faiss_index,
+)
+from imlnet.geo.tables import TileSet, check_gallery_row, read_tileset
+from imlnet.io import recover_staged_dir
 
-FORMAT = "imlnet-gallery-index"
-FORMAT_VERSION = 1
-INDEX_FILE, METADATA_FILE, MANIFEST_FILE = "index.faiss", "metadata.csv", "manifest.json"
-#: Columns every metadata row must have.
-REQUIRED_COLUMNS = ("path", "lat", "lon", "crs", "source")
+__all__ = [
+    "DEFAULT_PARAMS",
+    "INDEX_FILE",
+    "MANIFEST_FILE",
+    "METADATA_FILE",
+    "GalleryIndex",
+    "build_index",
+    "checkpoint_hash",
+    "embed_images",
+    "main",
+    "new_faiss_index",
+]
 WEIGHTS_FILE = "model.safetensors"
-IndexType = Literal["flat", "ivf", "hnsw"]
-#: Default parameters per index type (see :class:`GalleryIndex`).
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
-    "flat": {},
-    "ivf": {"nlist": None, "nprobe": 16},
-    "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 128},
-}
 
 
 def checkpoint_hash(checkpoint: str | Path) -> str:
@@ -78,379 +75,54 @@ def checkpoint_hash(checkpoint: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _as_matrix(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    if x.ndim == 1:
-        x = x[None]
-    if x.ndim != 2:
-        raise GeoError(f"{what} must have shape (N, D), got {tuple(x.shape)}")
-    if not np.isfinite(x).all():
-        raise GeoError(f"{what} contain NaN or infinity; check the model checkpoint")
-    return x
+# -- embedding ----------------------------------------------------------------------------
+class _ImageFiles(torch.utils.data.Dataset):
+    """Image files read by :func:`imlnet.inference.read_image`, through ``transform``.
 
-
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
-def new_faiss_index(
-    index_type: IndexType, dim: int, params: Mapping[str, Any], n_train: int = 0
-) -> tuple[faiss.Index, dict[str, Any]]:
-    """An empty FAISS index of ``index_type`` for inner product, configured from ``params``.
-
-    Args:
-        index_type: ``flat``, ``ivf`` or ``hnsw``.
-        dim: descriptor dimension.
-        params: options as in :data:`DEFAULT_PARAMS` (missing keys take the defaults).
-        n_train: for ivf, the number of training vectors (sets ``nlist`` when it is None).
-
-    Returns:
-        The index (ivf still untrained) and the parameters with ``nlist`` filled in.
-
-    Raises:
-        GeoError: an ivf index would have more lists than training vectors.
-    """
-    params = {**DEFAULT_PARAMS[index_type], **params}
-    if index_type == "flat":
-        return faiss.IndexFlatIP(dim), params
-    if index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(params["efConstruction"])
-        index.hnsw.efSearch = int(params["efSearch"])
-        return index, params
-    nlist = params["nlist"]
-    if nlist is None:
-        nlist = int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
-    if n_train < nlist:
-        raise GeoError(
-            f"an ivf index with nlist={nlist} needs at least {nlist} descriptors in its "
-            f"first batch to train, got {n_train}; lower nlist or use --type flat"
-        )
-    params["nlist"] = int(nlist)
-    index = faiss.index_factory(dim, f"IVF{int(nlist)},Flat", faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = int(params["nprobe"])
-    return index, params
-
-
-class GalleryIndex:
-    """Descriptors in FAISS (inner product on L2-normalised vectors) with aligned metadata.
-
-    Args:
-        dim: descriptor dimension D.
-        index_type: ``"flat"`` exact search (``IndexFlatIP``); ``"ivf"`` (``IndexIVFFlat``,
-            trained with k-means on the first batch added); ``"hnsw"`` (``IndexHNSWFlat``,
-            inner-product metric).
-        params: per-type options, defaults in :data:`DEFAULT_PARAMS`: ivf ``nlist`` (None:
-            ``4 sqrt(N)`` clipped to ``N / 39``, so k-means has 39 points per list as FAISS
-            asks) and ``nprobe``; hnsw ``M``, ``efConstruction``, ``efSearch``.
-        checkpoint_hash: sha256 of the weights that made the descriptors (see
-            :func:`checkpoint_hash`); checked when the index is re-opened.
-        checkpoint: where those weights were (for messages only).
-        radius: the model's descriptor radius r (recorded, not used for search).
-        model_config: the model's config dict (recorded).
+    A file that cannot be read gives its one-line message instead of a tensor, so that the
+    error reaches the main process whole (an exception raised in a DataLoader worker comes
+    back with the worker's traceback inside its message).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        index_type: IndexType = "flat",
-        params: Mapping[str, Any] | None = None,
-        checkpoint_hash: str = "",
-        checkpoint: str = "",
-        radius: float | None = None,
-        model_config: Mapping[str, Any] | None = None,
-    ) -> None:
-        if index_type not in DEFAULT_PARAMS:
-            raise GeoError(f"index type must be flat, ivf or hnsw, not {index_type!r}")
-        if int(dim) < 1:
-            raise GeoError(f"descriptor dim must be >= 1, got {dim}")
-        unknown = set(params or {}) - set(DEFAULT_PARAMS[index_type])
-        if unknown:
-            raise GeoError(f"unknown {index_type} option(s) {sorted(unknown)}")
-        self.dim = int(dim)
-        self.index_type: IndexType = index_type
-        self.params: dict[str, Any] = {**DEFAULT_PARAMS[index_type], **(params or {})}
-        self.checkpoint_hash = checkpoint_hash
-        self.checkpoint = checkpoint
-        self.radius = radius
-        # through JSON so that the manifest can always be written (tuples, paths -> lists, str)
-        self.model_config = json.loads(json.dumps(dict(model_config or {}), default=str))
-        self.created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        self.metadata: list[dict[str, str]] = []
-        self.columns: list[str] = list(REQUIRED_COLUMNS)
-        self._index: faiss.Index | None = None if index_type == "ivf" else self._new_index(0)
-
-    # -- construction -------------------------------------------------------------------
-    def _new_index(self, n_train: int) -> faiss.Index:
-        index, self.params = new_faiss_index(self.index_type, self.dim, self.params, n_train)
-        return index
-
-    def add(
-        self, descriptors: np.ndarray | torch.Tensor, metadata_rows: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """Append descriptors ``(N, D)`` and their ``N`` metadata rows (any index type).
-
-        An ivf index is trained on the first batch added; later batches go into the lists
-        found then (append data from the same kind of map, or rebuild, to keep recall).
-
-        Raises:
-            GeoError: shapes disagree, values are not finite, or a row lacks path/lat/lon/crs/
-                source or has a latitude/longitude out of range.
-        """
-        x = _as_matrix(descriptors, "descriptors")
-        if x.shape[1] != self.dim:
-            raise GeoError(f"descriptors have dim {x.shape[1]}, the index has dim {self.dim}")
-        if len(metadata_rows) != len(x):
-            raise GeoError(f"{len(x)} descriptors but {len(metadata_rows)} metadata rows")
-        rows = [self._check_row(row, self.count + i) for i, row in enumerate(metadata_rows)]
-        if len(x) == 0:
-            return
-        x = _l2_normalise(x)
-        if self._index is None:
-            self._index = self._new_index(len(x))
-            self._index.train(x)
-        self._index.add(x)
-        for row in rows:
-            for key in row:
-                if key not in self.columns:
-                    self.columns.append(key)
-        self.metadata.extend(rows)
-
-    @staticmethod
-    def _check_row(row: Mapping[str, Any], i: int) -> dict[str, str]:
-        missing = [c for c in REQUIRED_COLUMNS if c not in row]
-        if missing:
-            raise GeoError(f"metadata row {i} lacks {', '.join(missing)}")
-        try:
-            lat, lon = float(row["lat"]), float(row["lon"])
-        except (TypeError, ValueError) as err:
-            raise GeoError(f"metadata row {i} ({row['path']}): lat/lon not numbers") from err
-        if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-            raise GeoError(f"metadata row {i} ({row['path']}): lat {lat}, lon {lon} out of range")
-        return {str(k): cell_text(v) for k, v in row.items()}
-
-    # -- search ---------------------------------------------------------------------------
-    @property
-    def count(self) -> int:
-        """Number of vectors in the index."""
-        return 0 if self._index is None else int(self._index.ntotal)
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]):
+        self.paths, self.transform = list(paths), transform
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.paths)
 
-    def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best tiles per query.
-
-        Args:
-            queries: descriptors ``(Q, D)`` (normalised here like the gallery).
-            k: tiles per query; at most the gallery size.
-
-        Returns:
-            ``scores (Q, k)`` float32 cosine similarities, descending, and ``ids (Q, k)`` int64
-            row numbers into :attr:`metadata` (-1 where an approximate index found fewer).
-
-        Raises:
-            GeoError: the index is empty or the query dim differs from the index dim.
-        """
-        x = _as_matrix(queries, "query descriptors")
-        if x.shape[1] != self.dim:
-            raise GeoError(
-                f"query descriptors have dim {x.shape[1]}, the index has dim {self.dim}; "
-                "use the checkpoint the index was built with"
-            )
-        if self.count == 0:
-            raise GeoError("the gallery index is empty; index some tiles first")
-        k = max(1, min(int(k), self.count))
-        scores, ids = self._index.search(_l2_normalise(x), k)
-        return scores, ids
-
-    def lookup(self, ids: np.ndarray) -> list[list[dict[str, str]]]:
-        """Metadata rows for ``ids (Q, k)`` (ids < 0 are left out)."""
-        return [[self.metadata[int(i)] for i in row if i >= 0] for row in np.atleast_2d(ids)]
-
-    def search_rows(self, queries: np.ndarray | torch.Tensor, k: int) -> list[list[dict[str, Any]]]:
-        """Like :meth:`search` but returns, per query, its hits as metadata dicts with
-        ``rank`` (0-based), ``id``, ``score``, and ``lat``/``lon`` as floats."""
-        scores, ids = self.search(queries, k)
-        out = []
-        for srow, irow in zip(scores, ids, strict=True):
-            hits = []
-            for rank, (s, i) in enumerate((s, i) for s, i in zip(srow, irow, strict=True)):
-                if i < 0:
-                    continue
-                meta = self.metadata[int(i)]
-                hit: dict[str, Any] = {**meta, "rank": rank, "id": int(i), "score": float(s)}
-                hit["lat"], hit["lon"] = float(meta["lat"]), float(meta["lon"])
-                hits.append(hit)
-            out.append(hits)
-        return out
-
-    # -- persistence ----------------------------------------------------------------------
-    def manifest(self) -> dict[str, Any]:
-        """The manifest dict written to ``manifest.json``."""
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "checkpoint_hash": self.checkpoint_hash,
-            "checkpoint": self.checkpoint,
-            "descriptor_dim": self.dim,
-            "radius": self.radius,
-            "model_config": self.model_config,
-            "index_type": self.index_type,
-            "index_params": self.params,
-            "metric": "inner_product",
-            "normalized": True,
-            "count": self.count,
-            "created": self.created,
-            "faiss_version": faiss.__version__,
-        }
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``index.faiss``, ``metadata.csv`` and ``manifest.json`` (last) into ``folder``.
-
-        Raises:
-            GeoError: the index is empty (an untrained ivf index cannot be saved).
-        """
-        folder = Path(folder)
-        if self._index is None:
-            raise GeoError("cannot save an empty ivf index: add descriptors first")
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / INDEX_FILE) as tmp:
-            faiss.write_index(self._index, str(tmp))
-        write_csv(folder / METADATA_FILE, self.metadata, self.columns)
-        write_json(folder / MANIFEST_FILE, self.manifest())
-        return folder
-
-    @classmethod
-    def load(
-        cls,
-        folder: str | Path,
-        *,
-        expect_checkpoint_hash: str | None = None,
-        expect_dim: int | None = None,
-        checkpoint_name: str | None = None,
-    ) -> GalleryIndex:
-        """Re-open a gallery saved by :meth:`save` (no model needed).
-
-        Args:
-            folder: the gallery folder.
-            expect_checkpoint_hash: if given, the sha256 of the weights about to embed queries;
-                must equal the manifest's.
-            expect_dim: if given, the query descriptor dim; must equal the index's.
-            checkpoint_name: the checkpoint being used, for the mismatch message.
-
-        Raises:
-            GeoError: a file is missing or unreadable, the index is corrupt, the files disagree
-                on the count or dim, or the checkpoint does not match. The message names the file.
-        """
-        folder = Path(folder)
-        paths = {name: folder / name for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE)}
-        for path in paths.values():
-            if not path.is_file():
-                raise GeoError(f"{path}: missing; build the gallery with `imlnet index`")
-        manifest = _read_manifest(paths[MANIFEST_FILE])
+    def __getitem__(self, i: int) -> torch.Tensor | str:
         try:
-            raw = faiss.read_index(str(paths[INDEX_FILE]))
-        except Exception as err:  # faiss raises RuntimeError with a C++ trace
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            first = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text)  # drop C++ frame
-            raise GeoError(
-                f"{paths[INDEX_FILE]}: corrupt or not a FAISS index ({first[:200]}); "
-                "rebuild it with `imlnet index`"
-            ) from err
-        metadata = read_csv(paths[METADATA_FILE], REQUIRED_COLUMNS)
-        counts = (int(manifest["count"]), int(raw.ntotal), len(metadata))
-        if len(set(counts)) != 1:
-            raise GeoError(
-                f"{folder}: files disagree on the number of tiles (manifest.json {counts[0]}, "
-                f"index.faiss {counts[1]}, metadata.csv {counts[2]}); a save was interrupted or "
-                "the files come from different galleries; rebuild with `imlnet index`"
-            )
-        dim = int(manifest["descriptor_dim"])
-        if raw.d != dim:
-            raise GeoError(
-                f"{paths[INDEX_FILE]}: has dim {raw.d} but manifest.json says {dim}; the files "
-                "come from different galleries; rebuild with `imlnet index`"
-            )
-        built_by = manifest.get("checkpoint") or "an unnamed checkpoint"
-        if expect_dim is not None and int(expect_dim) != dim:
-            raise GeoError(
-                f"{paths[MANIFEST_FILE]}: the gallery holds {dim}-d descriptors (built by "
-                f"{built_by}) but the model in use makes {expect_dim}-d descriptors; "
-                "use the same checkpoint or rebuild the gallery"
-            )
-        if expect_checkpoint_hash is not None and expect_checkpoint_hash != manifest.get(
-            "checkpoint_hash"
-        ):
-            using = checkpoint_name or "the checkpoint in use"
-            raise GeoError(
-                f"{paths[MANIFEST_FILE]}: the gallery was built by {built_by} "
-                f"(sha256 {str(manifest.get('checkpoint_hash'))[:12]}...) but {using} has "
-                f"sha256 {expect_checkpoint_hash[:12]}...; descriptors of different weights "
-                "cannot be compared: use that checkpoint or rebuild the gallery"
-            )
-        index_type = manifest["index_type"]
-        expected_cls = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}
-        if index_type not in expected_cls or not isinstance(raw, expected_cls[index_type]):
-            raise GeoError(
-                f"{paths[INDEX_FILE]}: is a {type(raw).__name__}, but manifest.json says "
-                f"{index_type!r}; rebuild with `imlnet index`"
-            )
-        self = cls(
-            dim,
-            index_type=index_type,
-            params=manifest.get("index_params") or {},
-            checkpoint_hash=manifest.get("checkpoint_hash", ""),
-            checkpoint=manifest.get("checkpoint", ""),
-            radius=manifest.get("radius"),
-            model_config=manifest.get("model_config") or {},
+            return self.transform(inference.read_image(self.paths[i]))
+        except ImageReadError as err:
+            return str(err)
+
+
+def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)  # type: ignore[arg-type]
+
+
+class _Batches:
+    """The batches of :class:`_ImageFiles` for :func:`imlnet.inference.embed` (sized, so that
+    the progress bar has a total); a file that cannot be read raises its ImageReadError."""
+
+    def __init__(self, paths: Sequence[Path], transform: Any, batch_size: int, workers: int):
+        self.count = len(paths)
+        self.loader = torch.utils.data.DataLoader(
+            _ImageFiles(paths, transform),
+            batch_size=max(1, int(batch_size)),
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
         )
-        self.created = manifest.get("created", self.created)
-        self._index = raw
-        self.set_search_params(**{k: v for k, v in self.params.items() if k in SEARCH_PARAMS})
-        self.metadata = [dict(row) for row in metadata]
-        self.columns = list(metadata[0]) if metadata else list(REQUIRED_COLUMNS)
-        return self
 
-    def set_search_params(self, *, nprobe: int | None = None, efSearch: int | None = None) -> None:
-        """Change the accuracy/speed trade-off of an ivf (``nprobe``) or hnsw (``efSearch``)
-        index; recorded in the manifest on the next save."""
-        if nprobe is not None and self.index_type == "ivf":
-            self.params["nprobe"] = int(nprobe)
-            if self._index is not None:
-                faiss.extract_index_ivf(self._index).nprobe = int(nprobe)
-        if efSearch is not None and self.index_type == "hnsw":
-            self.params["efSearch"] = int(efSearch)
-            if self._index is not None:
-                self._index.hnsw.efSearch = int(efSearch)
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.loader:
+            if isinstance(batch, str):
+                raise ImageReadError(batch)
+            yield batch
 
 
-SEARCH_PARAMS = ("nprobe", "efSearch")
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise GeoError(f"{path}: cannot read ({err}); rebuild with `imlnet index`") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise GeoError(f"{path}: not an imlnet gallery manifest; rebuild with `imlnet index`")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise GeoError(
-            f"{path}: format version {manifest['format_version']} is newer than this imlnet "
-            f"reads ({FORMAT_VERSION}); upgrade imlnet"
-        )
-    missing = [k for k in ("count", "descriptor_dim", "index_type") if k not in manifest]
-    if missing:
-        raise GeoError(f"{path}: lacks {', '.join(missing)}; rebuild with `imlnet index`")
-    return manifest
-
-
-# -- embedding ----------------------------------------------------------------------------
 def embed_images(
     encode: Callable[[torch.Tensor], torch.Tensor],
     paths: Sequence[str | Path],
@@ -464,24 +136,71 @@ def embed_images(
 ) -> np.ndarray:
     """Descriptors ``(N, D)`` float32 (L2-normalised, one pass, no mirror) of image files.
 
-    A thin wrapper of :func:`imlnet.inference.embed` (``flip=False``, as the index has always
-    been built) kept for the geo commands; new code calls ``embed`` directly.
+    :func:`imlnet.inference.embed` (``flip=False``, as galleries have always been built) over
+    the files read by :func:`imlnet.inference.read_image`.
+
+    Args:
+        encode: maps a batch ``(B, 3, H, W)`` on ``device`` to descriptors ``(B, D)``.
+        paths: image files (any format PIL reads; converted to RGB).
+        transform: PIL image -> ``(3, H, W)`` tensor (the model's eval transform).
+        batch_size: images per call of ``encode``.
+        device: where batches go.
+        num_workers: DataLoader worker processes decoding the files.
+        progress: show a tqdm bar.
+        desc: the bar's label.
 
     Raises:
-        ImageReadError: an image is missing or cannot be decoded (named).
+        ImageReadError: an image is missing or cannot be decoded (one line naming it).
     """
-    return embed(
-        encode,
-        [Path(p) for p in paths],
-        "satellite",
-        flip=False,
-        batch_size=batch_size,
-        workers=num_workers,
-        device=device,
-        transform=transform,
-        progress=progress,
-        desc=desc,
-    ).numpy()
+    batches = _Batches([Path(p) for p in paths], transform, batch_size, num_workers)
+    out = inference.embed(
+        encode, batches, "satellite", flip=False, device=device, progress=progress, desc=desc
+    )
+    return out.numpy()
+
+
+def _check_tables(tilesets: Sequence[TileSet], index: GalleryIndex | None) -> list[list[dict]]:
+    """Every tile table's rows as gallery rows (absolute image paths), checked before any work.
+
+    Raises:
+        GeoError: a table is empty; a row is unfit (see
+            :func:`~imlnet.geo.tables.check_gallery_row`); a ``tile_id`` or an image appears
+            twice (within the tables or already in ``index``). The message names the table and
+            line of each offending row.
+    """
+    seen_id: dict[str, str] = {}
+    seen_path: dict[str, str] = {}
+    if index is not None:
+        for i, row in enumerate(index.metadata):
+            where = f"gallery row {i}"
+            seen_path[row["path"]] = where
+            if row.get("tile_id"):
+                seen_id[row["tile_id"]] = where
+    out = []
+    for tiles in tilesets:
+        if not tiles.rows:
+            raise GeoError(f"{tiles.table}: no tiles to index (all skipped as nodata?)")
+        rows = [{**row, "path": str(tiles.image_path(row))} for row in tiles.rows]
+        for line, row in enumerate(rows, start=2):
+            where = f"{tiles.table}, line {line}"
+            check_gallery_row(row, where)
+            if row["path"] in seen_path:
+                raise GeoError(
+                    f"{where}: tile {row['path']} is already in the gallery "
+                    f"({seen_path[row['path']]}); do not append the same tiles twice"
+                )
+            tile_id = str(row.get("tile_id") or "")
+            if tile_id in seen_id:
+                raise GeoError(
+                    f"{where} and {seen_id[tile_id]} have the same tile_id {tile_id!r}; each "
+                    "tile must be listed once: rerun `imlnet tile` (a stride of at least one "
+                    "pixel) or index the tables separately"
+                )
+            seen_path[row["path"]] = where
+            if tile_id:
+                seen_id[tile_id] = where
+        out.append(rows)
+    return out
 
 
 def build_index(
@@ -505,7 +224,7 @@ def build_index(
 
     Args:
         encode: batch ``(B, 3, H, W)`` -> satellite-view descriptors ``(B, D)``.
-        tile_table: a :class:`~imlnet.geo.tiling.TileSet`, a tile folder, or its ``tiles.csv``.
+        tile_table: a :class:`~imlnet.geo.tables.TileSet`, a tile folder, or its ``tiles.csv``.
         transform: PIL image -> ``(3, H, W)`` tensor.
         batch_size: tiles per batch.
         device: where the batches go.
@@ -524,20 +243,11 @@ def build_index(
         The index, with metadata rows = tile rows whose ``path`` is the absolute image path.
 
     Raises:
-        GeoError: the table is empty or a tile is already in ``index``.
+        GeoError: the table is empty, a row is unfit, or a tile (path or ``tile_id``) is twice
+            in the table or already in ``index`` (see :func:`_check_tables`).
     """
     tiles = tile_table if isinstance(tile_table, TileSet) else read_tileset(tile_table)
-    if not tiles.rows:
-        raise GeoError(f"{tiles.table}: no tiles to index (all skipped as nodata?)")
-    rows = [{**row, "path": str(tiles.image_path(row))} for row in tiles.rows]
-    if index is not None:
-        known = {row["path"] for row in index.metadata}
-        again = [row["path"] for row in rows if row["path"] in known]
-        if again:
-            raise GeoError(
-                f"{len(again)} tile(s) of {tiles.table} are already in the gallery "
-                f"(e.g. {again[0]}); do not append the same tiles twice"
-            )
+    (rows,) = _check_tables([tiles], index)
     desc = embed_images(
         encode,
         [row["path"] for row in rows],
@@ -562,35 +272,21 @@ def build_index(
     return index
 
 
-# -- model glue (isolated so that tests can replace it) -----------------------------------
-def load_model(checkpoint: str | Path, device: str | torch.device) -> Any:
-    """The model of :func:`imlnet.inference.load_model`, in eval mode on ``device``."""
-    return inference.load_model(checkpoint, device).model
-
-
-def eval_transform(view: str, size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """:func:`imlnet.inference.eval_transform` (the same for both views) at ``size`` pixels."""
-    return inference.eval_transform(size)
-
-
+# -- model glue -------------------------------------------------------------------------
 def model_encoder(model: Any, domain: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> model.encode(x, domain)``: satellite for gallery tiles, drone for queries."""
     return lambda x: model.encode(x, domain)
 
 
-def add_model_args(ap: argparse.ArgumentParser) -> None:
+def model_dim(model: Any) -> int | None:
+    """The descriptor size a loaded model makes, when it says (None otherwise)."""
+    return int(getattr(model, "descriptor_dim", 0) or 0) or None
+
+
+def add_model_args(ap: argparse.ArgumentParser, *, batch_size: int = 32) -> None:
     """Command-line options shared by ``imlnet index`` and ``imlnet localize``."""
     ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="model input size in pixels (default: the training size saved with the model, "
-        "else 256)",
-    )
-    ap.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    add_common(ap, image_size=None, batch_size=batch_size, workers=True, device=True)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -608,26 +304,27 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 128)")
     add_model_args(ap)
     args = ap.parse_args(list(argv))
+    device = resolve_device(args.device)
     ckpt_hash = checkpoint_hash(args.checkpoint)
-    index: GalleryIndex | None = None
-    if args.append:
-        index = GalleryIndex.load(
-            args.out, expect_checkpoint_hash=ckpt_hash, checkpoint_name=str(args.checkpoint)
-        )
-        index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
-    elif (args.out / MANIFEST_FILE).exists() and not args.overwrite:
+    recover_staged_dir(args.out)  # a save killed between its two renames
+    if not args.append and (args.out / MANIFEST_FILE).exists() and not args.overwrite:
         raise GeoError(
             f"{args.out / MANIFEST_FILE}: a gallery exists; pass --append to add tiles to it "
             "or --overwrite to replace it"
         )
     tilesets = [read_tileset(folder) for folder in args.tiles]
-    model = load_model(args.checkpoint, args.device)
-    dim = int(getattr(model, "descriptor_dim", 0)) or None
-    if index is not None and dim is not None and dim != index.dim:
-        raise GeoError(
-            f"{args.out / MANIFEST_FILE}: gallery dim {index.dim}, model dim {dim}; "
-            "use the checkpoint that built the gallery"
+    loaded = inference.load_model(args.checkpoint, device, image_size=args.image_size)
+    model = loaded.model
+    index: GalleryIndex | None = None
+    if args.append:
+        index = GalleryIndex.load(
+            args.out,
+            expect_checkpoint_hash=ckpt_hash,
+            expect_dim=model_dim(model),
+            checkpoint_name=str(args.checkpoint),
         )
+        index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
+    _check_tables(tilesets, index)  # all tables together, before the first image is embedded
     params = {
         k: v
         for k, v in {
@@ -638,14 +335,14 @@ def main(argv: Sequence[str]) -> int:
         }.items()
         if v is not None and k in DEFAULT_PARAMS[args.type]
     }
-    transform = eval_transform("satellite", args.size or model.input_size())
+    transform = loaded.transform
     for tiles in tilesets:  # at least one (nargs="+")
         index = build_index(
             model_encoder(model, "satellite"),
             tiles,
             transform=transform,
             batch_size=args.batch_size,
-            device=args.device,
+            device=device,
             progress=not args.quiet,
             index=index,
             index_type=args.type,

@@ -28,10 +28,7 @@ top-k tiles as their footprint Polygons) and ``summary.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,58 +36,42 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imlnet import inference
+from imlnet.cliargs import resolve_device
 from imlnet.errors import GeoError, ImageReadError
 from imlnet.geo import index as gindex
 from imlnet.geo.coords import LocalFrame, geodesic_m
-from imlnet.geo.index import GalleryIndex, checkpoint_hash, embed_images
-from imlnet.geo.tiling import parse_footprint, read_csv, write_csv
-from imlnet.io import atomic_write, write_json
-
-THRESHOLDS_M = (25.0, 50.0, 100.0)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
-RESULT_COLUMNS = (
-    "image",
-    "lat",
-    "lon",
-    "used_tiles",
-    "top1_score",
-    "top1_lat",
-    "top1_lon",
-    "top1_path",
-    "true_lat",
-    "true_lon",
-    "error_m",
-    "top1_error_m",
+from imlnet.geo.gallery import GalleryIndex
+from imlnet.geo.index import checkpoint_hash, embed_images
+from imlnet.geo.outputs import (
+    HIT_COLUMNS,
+    RESULT_COLUMNS,
+    THRESHOLDS_M,
+    QueryResult,
+    format_table,
+    summarize,
+    to_geojson,
+    write_outputs,
 )
-HIT_COLUMNS = ("image", "rank", "score", "lat", "lon", "path", "tile_id", "id")
+from imlnet.geo.tables import read_csv
 
+__all__ = [
+    "HIT_COLUMNS",
+    "RESULT_COLUMNS",
+    "THRESHOLDS_M",
+    "QueryResult",
+    "estimate_position",
+    "expand_images",
+    "format_table",
+    "localize",
+    "main",
+    "read_truth",
+    "summarize",
+    "to_geojson",
+    "write_outputs",
+]
 
-@dataclass
-class QueryResult:
-    """The answer for one query image.
-
-    Attributes:
-        image: the query image path as given.
-        hits: the top-k tiles, best first: metadata dicts with ``rank``, ``id``, ``score``,
-            ``lat``, ``lon``, ``path`` and the other gallery columns.
-        lat: estimated latitude (WGS84 degrees).
-        lon: estimated longitude.
-        used_tiles: how many of the hits went into the estimate.
-        true_lat: the known latitude, if given.
-        true_lon: the known longitude, if given.
-        error_m: geodesic distance estimate -> truth in metres, if the truth is known.
-        top1_error_m: the same for the top-1 tile's centre.
-    """
-
-    image: str
-    hits: list[dict[str, Any]]
-    lat: float
-    lon: float
-    used_tiles: int
-    true_lat: float | None = None
-    true_lon: float | None = None
-    error_m: float | None = None
-    top1_error_m: float | None = field(default=None)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 
 
 def estimate_position(
@@ -240,145 +221,6 @@ def localize(
     return results
 
 
-def summarize(results: Sequence[QueryResult]) -> dict[str, Any]:
-    """Counts and, over queries with a known position, mean/median error and the share of
-    queries within 25/50/100 m, for the estimate and for the top-1 tile."""
-    out: dict[str, Any] = {"queries": len(results)}
-    known = [r for r in results if r.error_m is not None]
-    out["with_truth"] = len(known)
-    for name, attr in (("estimate", "error_m"), ("top1", "top1_error_m")):
-        errors = np.array([getattr(r, attr) for r in known], float)
-        if errors.size == 0:
-            continue
-        out[name] = {
-            "mean_error_m": float(errors.mean()),
-            "median_error_m": float(np.median(errors)),
-            **{f"within_{t:g}m": float((errors <= t).mean()) for t in THRESHOLDS_M},
-        }
-    return out
-
-
-def format_table(results: Sequence[QueryResult]) -> str:
-    """A plain-text table, one line per query: estimate, top-1 score and tile, error."""
-    header = f"{'image':<32} {'lat':>11} {'lon':>12} {'score':>6} {'n':>2} {'error m':>9}  top-1"
-    lines = [header, "-" * len(header)]
-    for r in results:
-        err = f"{r.error_m:9.1f}" if r.error_m is not None else f"{'-':>9}"
-        top = r.hits[0]
-        lines.append(
-            f"{Path(r.image).name[-32:]:<32} {r.lat:11.6f} {r.lon:12.6f} {top['score']:6.3f} "
-            f"{r.used_tiles:2d} {err}  {Path(str(top['path'])).name}"
-        )
-    summary = summarize(results)
-    if "estimate" in summary:
-        est, top1 = summary["estimate"], summary["top1"]
-        shares = ", ".join(f"{est[f'within_{t:g}m']:.0%} <= {t:g} m" for t in THRESHOLDS_M)
-        lines.append(
-            f"{summary['with_truth']} queries with truth: median error {est['median_error_m']:.1f}"
-            f" m (top-1 tile {top1['median_error_m']:.1f} m); {shares}"
-        )
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _tile_geometry(hit: Mapping[str, Any]) -> dict[str, Any]:
-    """The tile's footprint as a Polygon; its centre as a Point when the gallery has no
-    footprint (built before they were recorded) or the tile crosses the antimeridian (which
-    RFC 7946 would want split in two)."""
-    ring = parse_footprint(str(hit.get("footprint") or ""), where=f"tile {hit['path']}")
-    if ring is None or max(x for x, _ in ring) - min(x for x, _ in ring) > 180:
-        return {"type": "Point", "coordinates": [float(hit["lon"]), float(hit["lat"])]}
-    return {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]}
-
-
-def to_geojson(results: Sequence[QueryResult]) -> dict[str, Any]:
-    """An RFC 7946 FeatureCollection (coordinates ``[lon, lat]`` in WGS84): per query a Point
-    ``kind="estimate"``, a Point ``kind="truth"`` when known, and per top-k tile a Polygon
-    ``kind="tile"``: its footprint (closed, counter-clockwise), or a Point at its centre when
-    the gallery records no footprint."""
-    features: list[dict[str, Any]] = []
-
-    def feature(geometry: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "Feature", "geometry": geometry, "properties": props}
-
-    def point(lon: float, lat: float, props: dict[str, Any]) -> dict[str, Any]:
-        return feature({"type": "Point", "coordinates": [float(lon), float(lat)]}, props)
-
-    for r in results:
-        features.append(
-            point(
-                r.lon,
-                r.lat,
-                {
-                    "kind": "estimate",
-                    "image": r.image,
-                    "used_tiles": r.used_tiles,
-                    "top1_score": float(r.hits[0]["score"]),
-                    "top1_path": str(r.hits[0]["path"]),
-                    "error_m": _num(r.error_m),
-                    "top1_error_m": _num(r.top1_error_m),
-                },
-            )
-        )
-        if r.true_lat is not None and r.true_lon is not None:
-            features.append(point(r.true_lon, r.true_lat, {"kind": "truth", "image": r.image}))
-        for hit in r.hits:
-            props = {
-                "kind": "tile",
-                "image": r.image,
-                "rank": int(hit["rank"]),
-                "score": float(hit["score"]),
-                "path": str(hit["path"]),
-                "tile_id": str(hit.get("tile_id", "")),
-                "id": int(hit["id"]),
-                "lat": float(hit["lat"]),
-                "lon": float(hit["lon"]),
-            }
-            features.append(feature(_tile_geometry(hit), props))
-    return {"type": "FeatureCollection", "features": features}
-
-
-def write_outputs(results: Sequence[QueryResult], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.csv``, ``hits.csv``, ``results.geojson`` and ``summary.json``."""
-    out_dir = Path(out_dir)
-    paths = {
-        "results": out_dir / "results.csv",
-        "hits": out_dir / "hits.csv",
-        "geojson": out_dir / "results.geojson",
-        "summary": out_dir / "summary.json",
-    }
-    rows = []
-    for r in results:
-        top = r.hits[0]
-        rows.append(
-            {
-                "image": r.image,
-                "lat": r.lat,
-                "lon": r.lon,
-                "used_tiles": r.used_tiles,
-                "top1_score": float(top["score"]),
-                "top1_lat": top["lat"],
-                "top1_lon": top["lon"],
-                "top1_path": top["path"],
-                "true_lat": "" if r.true_lat is None else r.true_lat,
-                "true_lon": "" if r.true_lon is None else r.true_lon,
-                "error_m": "" if r.error_m is None else r.error_m,
-                "top1_error_m": "" if r.top1_error_m is None else r.top1_error_m,
-            }
-        )
-    write_csv(paths["results"], rows, RESULT_COLUMNS)
-    hit_rows = [{**h, "image": r.image} for r in results for h in r.hits]
-    write_csv(paths["hits"], hit_rows, HIT_COLUMNS)
-    with atomic_write(paths["geojson"], "w") as handle:
-        json.dump(to_geojson(results), handle, ensure_ascii=False, allow_nan=False)
-        handle.write("\n")
-    write_json(paths["summary"], summarize(results))
-    return paths
-
-
 def expand_images(items: Sequence[str | Path]) -> list[Path]:
     """Files as given, folders replaced by the image files under them (sorted).
 
@@ -414,32 +256,31 @@ def main(argv: Sequence[str]) -> int:
     args = ap.parse_args(list(argv))
     if args.k < 1:
         raise GeoError(f"--k must be >= 1, got {args.k}")
+    device = resolve_device(args.device)
     ckpt_hash = checkpoint_hash(args.checkpoint)
-    index = GalleryIndex.load(
-        args.index, expect_checkpoint_hash=ckpt_hash, checkpoint_name=str(args.checkpoint)
-    )
-    index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
     truth = read_truth(args.truth) if args.truth else None
     images = expand_images(args.images)
-    model = gindex.load_model(args.checkpoint, args.device)
-    dim = getattr(model, "descriptor_dim", None)
-    if dim is not None and int(dim) != index.dim:
-        raise GeoError(
-            f"{args.index / gindex.MANIFEST_FILE}: the gallery holds {index.dim}-d descriptors "
-            f"but {args.checkpoint} makes {dim}-d ones; use the checkpoint that built it"
-        )
+    loaded = inference.load_model(args.checkpoint, device, image_size=args.image_size)
+    model = loaded.model
+    index = GalleryIndex.load(
+        args.index,
+        expect_checkpoint_hash=ckpt_hash,
+        expect_dim=gindex.model_dim(model),
+        checkpoint_name=str(args.checkpoint),
+    )
+    index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
     results = localize(
         gindex.model_encoder(model, "drone"),
         index,
         [str(p) for p in images],
-        transform=gindex.eval_transform("drone", args.size or model.input_size()),
+        transform=loaded.transform,
         k=args.k,
         truth=truth,
         truth_base=args.truth.parent if args.truth else None,
         temperature=args.temperature,
         max_spread_m=args.max_spread_m,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
         progress=not args.quiet,
     )
     print(format_table(results))
