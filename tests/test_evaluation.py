@@ -14,12 +14,15 @@ from PIL import Image
 from imlnet import evaluation
 from imlnet.errors import DatasetLayoutError
 from imlnet.evaluation import (
+    buckets,
+    cli,
     evaluate_retrieval,
     extract_features,
     format_table,
     good_ranks,
     load_features,
     main,
+    ranking,
     save_features,
 )
 
@@ -167,11 +170,11 @@ def test_block_sizes_do_not_change_results(monkeypatch, one_good):
     # Small blocks (the CPU defaults would use one block for these small cases). Many good
     # items per query: several chunks of queries, each against many blocks of gallery items.
     # One per query: several matrix products, each ranked in several row blocks.
-    monkeypatch.setattr(evaluation, "RANK_ELEMENTS", 700)  # 2 rows of 300
-    monkeypatch.setattr(evaluation, "MATMUL_ROWS", 5)
-    monkeypatch.setattr(evaluation, "BINNED_ROWS", 8)
-    monkeypatch.setattr(evaluation, "BINNED_COLS", 30)  # blocks of 30 gallery items
-    monkeypatch.setattr(evaluation, "CHUNK_ELEMENTS", 3000)  # at most 10 rows per product
+    monkeypatch.setattr(ranking, "RANK_ELEMENTS", 700)  # 2 rows of 300
+    monkeypatch.setattr(ranking, "MATMUL_ROWS", 5)
+    monkeypatch.setattr(ranking, "BINNED_ROWS", 8)
+    monkeypatch.setattr(ranking, "BINNED_COLS", 30)  # blocks of 30 gallery items
+    monkeypatch.setattr(ranking, "CHUNK_ELEMENTS", 3000)  # at most 10 rows per product
     qf, ql, gf, gl = random_case(9, 37, 300, 4, 6, dyadic=True, dtype=np.float64)
     if one_good:
         gl = np.random.default_rng(9).permutation(300) - 1  # each label once, one junk
@@ -183,9 +186,9 @@ def test_block_sizes_do_not_change_results(monkeypatch, one_good):
 def test_parallel_pieces_give_the_same_results(monkeypatch, one_good):
     # Large CPU evaluations run in one piece of queries per thread (here forced for a small
     # one, with three pieces); the torch thread count is restored afterwards.
-    monkeypatch.setattr(evaluation, "PARALLEL_MIN_SCORES", 0)
-    monkeypatch.setattr(evaluation, "CPU_WORKERS", 3)
-    monkeypatch.setattr(evaluation, "PIECE_QUERIES", 10)
+    monkeypatch.setattr(ranking, "PARALLEL_MIN_SCORES", 0)
+    monkeypatch.setattr(ranking, "CPU_WORKERS", 3)
+    monkeypatch.setattr(ranking, "PIECE_QUERIES", 10)
     qf, ql, gf, gl = random_case(10, 50, 400, 4, 8, dyadic=True, dtype=np.float32)
     if one_good:
         gl = np.random.default_rng(10).permutation(400) - 1
@@ -200,7 +203,7 @@ def test_estimates_outside_their_margin_fall_back_to_whole_rows(monkeypatch):
     # outside the buckets kept for it (here: every estimate is off by 3), the row is ranked
     # again from its whole score row, with the same results.
     calls = []
-    good_scores = evaluation._good_scores
+    good_scores = ranking._good_scores
 
     def off_by_three(q, g, idx):
         scores, norms = good_scores(q, g, idx)
@@ -210,8 +213,8 @@ def test_estimates_outside_their_margin_fall_back_to_whole_rows(monkeypatch):
         calls.append(len(args[0]))
         return good_ranks(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "_good_scores", off_by_three)
-    monkeypatch.setattr(evaluation, "good_ranks", counted)
+    monkeypatch.setattr(ranking, "_good_scores", off_by_three)
+    monkeypatch.setattr(ranking, "good_ranks", counted)
     qf, ql, gf, gl = random_case(11, 30, 200, 4, 5, dyadic=True, dtype=np.float32)
     assert_metrics_equal(evaluate_retrieval(qf, ql, gf, gl), official_loop(qf, ql, gf, gl))
     with_good = np.isin(ql, gl[gl != -1]) & (ql != -1)
@@ -228,11 +231,11 @@ def test_score_in_another_good_items_interval_is_not_exact():
     estimate = torch.tensor([[0.1, 0.5001, 0.1]])
     delta = torch.full((1, 3), 1e-6)
     n_good = torch.tensor([3])
-    _, ok = evaluation._ranks_binned(
+    _, ok = buckets.ranks_binned(
         lambda a, b: scores[:, a:b].contiguous(), 1000, 256, estimate, delta, good, n_good
     )
     assert not bool(ok[0])
-    exact, ok = evaluation._ranks_binned(
+    exact, ok = buckets.ranks_binned(
         lambda a, b: scores[:, a:b].contiguous(),
         1000,
         256,
@@ -292,7 +295,7 @@ def test_all_scores_equal():
 @pytest.mark.parametrize("direct_max", [0, 100])
 def test_rank_paths_agree_with_argsort(monkeypatch, direct_max):
     # Both rank paths (direct counts, buckets) against the position in a stable argsort.
-    monkeypatch.setattr(evaluation, "DIRECT_MAX_GOOD", direct_max)
+    monkeypatch.setattr(ranking, "DIRECT_MAX_GOOD", direct_max)
     g = torch.Generator().manual_seed(5)
     scores = torch.randint(-3, 4, (9, 40), generator=g).double()  # many ties
     scores[4] = torch.rand(40, generator=g, dtype=torch.float64)
@@ -462,7 +465,7 @@ def test_cli_model_on_dataset_folder(tmp_path, monkeypatch, capsys):
 
     write_test_views(tmp_path / "data" / "test", seed=8)
     model = FakeModel()
-    monkeypatch.setattr(evaluation, "load_model", fake_loader(model))
+    monkeypatch.setattr(cli, "load_model", fake_loader(model))
     out = tmp_path / "r.json"
     assert main(model_argv(tmp_path, "--out", str(out))) == 0
     assert "| satellite->drone |" in capsys.readouterr().out
@@ -486,7 +489,7 @@ def test_cli_model_sues200_per_altitude(tmp_path, monkeypatch, capsys):
     pytest.importorskip("imlnet.data.sues200")
     for altitude, seed in ((150, 10), (300, 11)):
         write_test_views(tmp_path / "data" / "Testing" / str(altitude), seed)
-    monkeypatch.setattr(evaluation, "load_model", fake_loader(FakeModel()))
+    monkeypatch.setattr(cli, "load_model", fake_loader(FakeModel()))
     argv = model_argv(tmp_path, "--dataset", "sues200", "--altitudes", "150", "300")
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -498,3 +501,31 @@ def test_cli_model_sues200_per_altitude(tmp_path, monkeypatch, capsys):
     assert main(["--features", str(tmp_path / "feats_300m.npz")]) == 0
     again = capsys.readouterr().out
     assert [line for line in printed.splitlines() if "300m" in line] == again.splitlines()[2:]
+
+
+def test_evaluation_package_has_no_import_circle_and_no_lightning():
+    """Static walk of the package's own imports; no module imports Lightning."""
+    import ast
+
+    root = Path(evaluation.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(m.split(".")[0] == "lightning" for m in mods), path
+            deps |= {m.split(".")[2] for m in mods if m.startswith("imlnet.evaluation.")}
+        graph[path.stem] = deps - {path.stem}
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(graph.get(n, ()))
+        assert start not in seen, f"import circle through evaluation/{start}.py"

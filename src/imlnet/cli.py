@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("imlnet.training", "train with a LightningCLI YAML config"),
     "validate": ("imlnet.training", "validate with a LightningCLI YAML config"),
     "test": ("imlnet.training", "test with a LightningCLI YAML config"),
-    "evaluate": ("imlnet.evaluation", "official University-1652 / SUES-200 retrieval metrics"),
+    "evaluate": ("imlnet.evaluation.cli", "official University-1652 / SUES-200 retrieval metrics"),
     "tile": ("imlnet.geo.tiling", "cut a GeoTIFF into georeferenced gallery tiles"),
     "index": ("imlnet.geo.index", "embed gallery tiles into a FAISS index"),
     "localize": ("imlnet.geo.localize", "drone images -> top-k tiles with lat/lon"),
