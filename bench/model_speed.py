@@ -30,6 +30,7 @@ import torch
 from imlnet.io import write_json
 from imlnet.losses import IMLNetObjective
 from imlnet.models import ARCHITECTURES, IMLNet
+from imlnet.training import training_losses
 
 #: name -> (model switches, objective switches)
 CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -83,7 +84,7 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device) -> d
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
         with amp:
-            parts = objective(model, drone, sat, labels)
+            parts = training_losses(model, objective, drone, sat, labels)
         parts["total"].backward()
 
     def encode() -> None:

@@ -14,7 +14,7 @@ import torchvision.models as tvm
 from safetensors.torch import save_file
 
 from imlnet.errors import CheckpointError, WeightsNotFoundError
-from imlnet.models import ARCHITECTURES, IMLNet, UnitBackbone, build_backbone
+from imlnet.models import ARCHITECTURES, IMLNet, UnitBackbone
 from imlnet.models.backbone import cache_path
 
 #: (C1, C2, C3, C4) of each architecture, from torchvision's definitions
@@ -73,7 +73,7 @@ def test_architectures_cover_the_six_names():
 @pytest.mark.parametrize("name", sorted(CHANNELS))
 def test_unit_shapes_and_last_stride(name):
     torch.manual_seed(0)
-    net = build_backbone(name).eval()
+    net = UnitBackbone(name).eval()
     assert isinstance(net, UnitBackbone)
     chs = list(CHANNELS[name])
     assert net.channels == chs

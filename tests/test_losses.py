@@ -13,13 +13,16 @@ import pytest
 import torch
 
 from imlnet.losses import (
+    IMLNetObjective,
     batch_hard_mine,
     batch_hard_triplet,
     drcl_loss,
     id_loss,
     plain_triplet_loss,
     reconstruction_loss,
+    to_sphere,
 )
+from imlnet.models import IMLNetOutput, TrainOutput
 
 
 def naive_batch_hard(anchors, a_lab, refs, r_lab, margin: float):
@@ -192,3 +195,74 @@ def test_reconstruction_and_id_losses_by_hand() -> None:
     expected = (-math.log(p0) + math.log(3.0)) / 2
     torch.testing.assert_close(id_loss(logits, labels), torch.tensor(expected))
     assert id_loss(logits.bfloat16(), labels).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- sphere, objective
+def test_to_sphere_puts_rows_on_the_radius_r_sphere_in_the_input_dtype() -> None:
+    x = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
+    torch.testing.assert_close(to_sphere(x, 2.0), torch.tensor([[1.2, 1.6], [0.0, -2.0]]))
+    assert to_sphere(x.bfloat16(), 1.0).dtype == torch.bfloat16
+
+
+def _output(g: torch.Generator, n: int, classes: int, units: bool, rec: bool) -> IMLNetOutput:
+    emb = torch.randn(n, 6, generator=g)
+    return IMLNetOutput(
+        descriptor=to_sphere(emb, 1.0),
+        embedding=emb,
+        logits=torch.randn(n, classes, generator=g),
+        unit_logits=tuple(torch.randn(n, classes, generator=g) for _ in range(4)) if units else (),
+        reconstruction=torch.randn(n, 3, 4, 4, generator=g) if rec else None,
+    )
+
+
+@pytest.mark.parametrize("units", [(0, 1, 2, 3), (2,)])
+def test_objective_is_a_function_of_outputs_and_labels(units) -> None:
+    """No model: the parts of a hand-made TrainOutput, recomputed from the loss functions."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.tensor([0, 1, 2, 1])
+    sat = torch.randn(4, 3, 4, 4, generator=g)
+    out = TrainOutput(
+        drone=_output(g, 4, 3, True, True),
+        satellite=_output(g, 4, 3, True, True),
+        crop_units=units,
+        drone_crops=_output(g, 4 * (len(units) + 1), 3, True, False),
+        satellite_crops=_output(g, 4 * (len(units) + 1), 3, True, False),
+    )
+    objective = IMLNetObjective(w_rec=0.5, w_drcl=2.0, w_id=0.7, w_crop=0.3, w_rec_satellite=0.1)
+    parts = objective(out, sat, labels)
+    d, s = out.drone, out.satellite
+
+    def ce_units(o, rows):
+        return sum(id_loss(u[rows], labels) for u in o.unit_logits) / 4
+
+    everything = slice(None)
+    crops = 0.0
+    for c in (out.drone_crops, out.satellite_crops):
+        terms = []
+        for k, i in enumerate(units):
+            rows = slice(4 * k, 4 * k + 4)
+            terms.append(
+                sum(id_loss(c.unit_logits[j][rows], labels) for j in range(4) if j != i) / 3
+            )
+        rows = slice(4 * len(units), 4 * len(units) + 4)
+        terms.append(id_loss(c.logits[rows], labels) + ce_units(c, rows))
+        crops = crops + sum(terms) / len(terms)
+    expected = {
+        "id": id_loss(d.logits, labels)
+        + ce_units(d, everything)
+        + id_loss(s.logits, labels)
+        + ce_units(s, everything),
+        "triplet": drcl_loss(d.descriptor, s.descriptor, labels, 0.3),
+        "rec": ((d.reconstruction - sat) ** 2).mean(),
+        "rec_satellite": ((s.reconstruction - sat) ** 2).mean(),
+        "id_crops": crops,
+    }
+    weights = {"id": 0.7, "triplet": 2.0, "rec": 0.5, "rec_satellite": 0.1, "id_crops": 0.3}
+    expected["total"] = sum(weights[k] * v for k, v in expected.items())
+    assert set(parts) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(parts[key], torch.as_tensor(value, dtype=torch.float32))
+    # without crops, reconstructions or unit logits the parts are simply absent
+    bare = TrainOutput(_output(g, 4, 3, False, False), _output(g, 4, 3, False, False))
+    assert set(IMLNetObjective(triplet="none")(bare, sat, labels)) == {"id", "total"}
+    assert int(objective.calls) == 1

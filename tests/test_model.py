@@ -20,6 +20,7 @@ from imlnet.losses import (
     reconstruction_loss,
 )
 from imlnet.models import IMLNet
+from imlnet.training import training_losses
 
 
 def small_model(num_classes: int = 3, **kw) -> IMLNet:
@@ -166,7 +167,7 @@ def test_parts_and_gradients_follow_the_switches(batch, model_kw, loss_kw, parts
     assert ("encoders" in prefixes) == (not share)
 
     weights = {"w_rec": 2.0, "w_drcl": 3.0, "w_id": 0.5, "w_crop": 0.25}
-    out = IMLNetObjective(**weights, **loss_kw)(model, *batch)
+    out = training_losses(model, IMLNetObjective(**weights, **loss_kw), *batch)
     assert set(out) == parts | {"total"}
     assert all(v.dim() == 0 and v.dtype == torch.float32 for v in out.values())
     w = {
@@ -247,7 +248,7 @@ def test_objective_equals_a_plain_recomputation(batch, triplet):
     weights = {"w_rec": 0.5, "w_drcl": 2.0, "w_id": 0.7, "w_crop": 0.3, "w_rec_satellite": 0.1}
     objective = IMLNetObjective(triplet=triplet, margin=0.3, **weights)
     with torch.no_grad():
-        parts = objective(model, *batch)
+        parts = training_losses(model, objective, *batch)
         expected = naive_objective(model, objective, *batch, [0, 1, 2, 3])
     assert set(parts) == set(expected)
     for key in parts:
@@ -257,7 +258,7 @@ def test_objective_equals_a_plain_recomputation(batch, triplet):
     # One random unit's crop (plus the combined one): one of the four single-unit objectives.
     rand = IMLNetObjective(crop_units="random", seed=3)
     with torch.no_grad():
-        value = rand(model, *batch)["id_crops"]
+        value = training_losses(model, rand, *batch)["id_crops"]
         options = [naive_objective(model, objective, *batch, [i])["id_crops"] for i in range(4)]
     assert min(abs(float(value) - float(o)) for o in options) < 1e-5
     assert int(rand.calls) == 1
@@ -267,7 +268,7 @@ def test_satellite_autoencoding_target(batch):
     model = small_model(muml=False).eval()
     drone, sat, labels = batch
     with torch.no_grad():
-        got = IMLNetObjective(w_rec_satellite=1.0)(model, drone, sat, labels)
+        got = training_losses(model, IMLNetObjective(w_rec_satellite=1.0), drone, sat, labels)
         rec_s = model(sat, "satellite").reconstruction
     assert float(got["rec_satellite"]) == pytest.approx(float(reconstruction_loss(rec_s, sat)))
 
@@ -284,8 +285,30 @@ def test_forward_passes_per_objective_call(batch, share, crop_units, crops):
     model = small_model(irn=False, share_weights=share).train()
     sizes = []
     model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
-    IMLNetObjective(crop_units=crop_units)(model, *batch)
+    training_losses(model, IMLNetObjective(crop_units=crop_units), *batch)
     assert sizes == ([8, 2 * crops] if share else [4, 4, crops, crops])  # 4 pairs of images
+
+
+def test_forward_train_returns_originals_and_crops(batch):
+    model = small_model().eval()
+    drone, sat, labels = batch
+    with torch.no_grad():
+        out = model.forward_train(drone, sat, labels, crop_units=(3, 1), reconstruct_satellite=True)
+        crops = model.muml_crops(sat, labels, "satellite")
+        again = model(torch.cat([crops["unit4"], crops["unit2"], crops["combined"]]), "satellite")
+    assert out.crop_units == (3, 1) and out.drone_crops.logits.shape == (12, 3)
+    assert out.drone.reconstruction.shape == sat.shape
+    assert out.satellite.reconstruction is not None and out.drone_crops.reconstruction is None
+    # the satellite crops are the crops of units 4 and 2, then the combined one, in that order
+    torch.testing.assert_close(out.satellite_crops.logits, again.logits)
+    with pytest.raises(ValueError, match="crop_units"):
+        model.forward_train(drone, sat, labels, crop_units=(4,))
+    with pytest.raises(ValueError, match="crop_units"):
+        model.forward_train(drone, sat, labels, crop_units=(1, 1))
+    plain = small_model(irn=False, muml=False).forward_train(drone, sat, labels)
+    assert (
+        plain.drone_crops is None and plain.crop_units == () and plain.drone.reconstruction is None
+    )
 
 
 def test_a_few_steps_reduce_every_loss_part():
@@ -298,7 +321,7 @@ def test_a_few_steps_reduce_every_loss_part():
     history: list[dict[str, float]] = []
     for _ in range(8):
         opt.zero_grad()
-        parts = objective(model, drone, sat, labels)
+        parts = training_losses(model, objective, drone, sat, labels)
         parts["total"].backward()
         opt.step()
         history.append({k: float(v.detach()) for k, v in parts.items()})
@@ -312,7 +335,7 @@ def test_a_few_steps_reduce_every_loss_part():
 def test_bf16_autocast_on_cpu(batch):
     model = small_model().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        parts = IMLNetObjective(w_rec_satellite=0.5)(model, *batch)
+        parts = training_losses(model, IMLNetObjective(w_rec_satellite=0.5), *batch)
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in parts.values())
     parts["total"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -322,7 +345,9 @@ def test_bf16_autocast_on_cpu(batch):
 def test_save_and_load_give_identical_outputs(tmp_path, batch):
     drone, sat, _ = batch
     model = small_model(share_weights=False, radius=2.0).train()
-    IMLNetObjective()(model, *batch)  # move the batch-norm statistics off their initial values
+    training_losses(
+        model, IMLNetObjective(), *batch
+    )  # move the batch-norm statistics off their initial values
     model.eval()
     folder = model.save_pretrained(tmp_path / "export")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

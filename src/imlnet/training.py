@@ -28,6 +28,32 @@ from imlnet.losses import IMLNetObjective
 from imlnet.models.imlnet import IMLNet
 
 
+def training_losses(
+    model: IMLNet,
+    objective: IMLNetObjective,
+    drone: torch.Tensor,
+    satellite: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """One training step's named loss parts: the model runs once, the objective scores its output.
+
+    Args:
+        model: the network; objective: the loss parts and weights.
+        drone: ``(B, 3, H, W)``; satellite: ``(B, 3, H, W)``; labels: ``(B,)``.
+
+    Returns:
+        :meth:`IMLNetObjective.forward`'s parts, ``"total"`` included.
+    """
+    out = model.forward_train(
+        drone,
+        satellite,
+        labels,
+        crop_units=objective.next_crop_units(),
+        reconstruct_satellite=objective.reconstruct_satellite,
+    )
+    return objective(out, satellite, labels)
+
+
 class IMLNetModule(L.LightningModule):
     """IML-Net training and evaluation.
 
@@ -130,8 +156,9 @@ class IMLNetModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        parts = self.objective(
+        parts = training_losses(
             self.model,
+            self.objective,
             self._prepare(batch["drone"]),
             self._prepare(batch["satellite"]),
             batch["label"],

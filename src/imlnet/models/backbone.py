@@ -198,8 +198,3 @@ def _load_into(net: nn.Module, name: str, pretrained: bool | str | Path) -> None
             f"{path} is not a torchvision {name} state dict: {len(missing)} weights missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-
-
-def build_backbone(name: str = "resnet50", pretrained: bool | str | Path = False) -> UnitBackbone:
-    """Build a :class:`UnitBackbone` (see its arguments)."""
-    return UnitBackbone(name, pretrained)

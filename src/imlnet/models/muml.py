@@ -7,17 +7,22 @@ classifier's row of c; with average pooling the logit of c is the mean of this m
 which is what makes it a CAM). The map is resized to the input with a bilinear kernel, min-max
 normalised per image, thresholded at ``theta``; the bounding box of the mask, padded, is cropped
 from the input and resized back to the input size. These crops are extra training samples with
-the same label (the mutual-learning rule is in :class:`imlnet.losses.IMLNetObjective`).
+the same label (the mutual-learning rule that trains on them is in :mod:`imlnet.losses.mutual`).
 
 Everything here works on whole batches at once: no Python loop over images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
+
+#: Names of the five attention maps / boxes / crops, in the order :func:`unit_attention` gives them.
+CROP_NAMES = ("unit1", "unit2", "unit3", "unit4", "combined")
 
 
 class UnitHead(nn.Module):
@@ -61,10 +66,6 @@ def cam(unit_map: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> 
         ``(B, h, w)``.
     """
     return torch.einsum("bchw,bc->bhw", unit_map, weights[target].to(unit_map.dtype))
-
-
-#: Alias of :func:`cam` under its descriptive name.
-class_activation_map = cam
 
 
 def attention_maps(cams: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -165,3 +166,36 @@ def crop_resize(
         images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
     )
     return out.to(images.dtype)
+
+
+@torch.no_grad()
+def unit_attention(
+    unit_maps: Sequence[torch.Tensor],
+    heads: Sequence[UnitHead],
+    labels: torch.Tensor,
+    image_size: tuple[int, int],
+    theta: float = 0.5,
+    pad: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised attention maps and crop boxes of the four units and of their sum (no gradients).
+
+    Args:
+        unit_maps: the four head maps ``F_i`` ``(B, C', h_i, w_i)`` (``IMLNetOutput.unit_maps``).
+        heads: the four :class:`UnitHead` (their classifiers weight the CAMs).
+        labels: ``(B,)`` target class of each CAM (the true building while training).
+        image_size: ``(H, W)`` of the input images.
+        theta: threshold of the normalised maps; pad: padding ratio of the boxes.
+
+    Returns:
+        maps ``(5, B, H, W)`` in [0, 1] and boxes ``(5, B, 4)`` ``(x1, y1, x2, y2)``; rows
+        U1..U4, then the combined map (the normalised sum of the four normalised maps).
+    """
+    maps = torch.stack(
+        [
+            attention_maps(cam(f.float(), head.classifier.weight.float(), labels), image_size)
+            for f, head in zip(unit_maps, heads, strict=True)
+        ]
+    )
+    maps = torch.cat([maps, combine_maps(maps)[None]])
+    boxes = torch.stack([mask_boxes(m, theta, pad) for m in maps])
+    return maps, boxes

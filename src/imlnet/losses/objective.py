@@ -1,0 +1,132 @@
+"""The IML-Net training objective: which parts are on, their weights, and the crop-unit draw.
+
+It is a function of the model's outputs (:class:`~imlnet.models.imlnet.TrainOutput`) and the
+labels, never of the model: the trainer runs :meth:`IMLNet.forward_train
+<imlnet.models.imlnet.IMLNet.forward_train>` once and hands its output here. The parts come back
+by name, unweighted, plus ``"total"`` (the weighted sum), so that the trainer logs every one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from imlnet.losses.drcl import drcl_loss, plain_triplet_loss
+from imlnet.losses.mutual import classifier_loss, mutual_crop_loss
+from imlnet.losses.reconstruction import reconstruction_loss
+
+if TYPE_CHECKING:
+    from imlnet.models.imlnet import TrainOutput
+
+Triplet = Literal["drcl", "plain", "none"]
+TRIPLETS = ("drcl", "plain", "none")
+
+
+class IMLNetObjective(nn.Module):
+    """The IML-Net training objective of one batch of paired drone / satellite images.
+
+    ``total = w_rec * rec + w_rec_satellite * rec_satellite + w_drcl * triplet + w_id * id
+    + w_crop * id_crops``; parts whose switch is off are absent.
+
+    - ``rec`` (IRN): MSE between the reconstruction from the *drone* image's features and the
+      satellite image of the same building. ``rec_satellite`` (when ``w_rec_satellite > 0``):
+      satellite -> satellite autoencoding.
+    - ``triplet``: DRCL on the radius-r descriptors (``"drcl"``), the same on the unnormalised
+      embeddings (``"plain"``), or absent (``"none"``).
+    - ``id``: summed over the two domains, cross-entropy of the descriptor classifier plus the
+      mean over the four unit classifiers (MUML). Without MUML this is the baseline's loss.
+    - ``id_crops`` (MUML): the mutual-learning rule (:func:`imlnet.losses.mutual.mutual_crop_loss`)
+      per domain, summed over the two domains. ``crop_units="random"`` uses one random unit's
+      crop per batch (plus the combined one), a cheaper approximation.
+
+    Args:
+        triplet: ``"drcl"``, ``"plain"`` or ``"none"``.
+        margin: triplet margin (for DRCL in the units of the radius: distances lie in [0, 2r]).
+        w_rec, w_rec_satellite, w_drcl, w_id, w_crop: loss weights.
+        crop_units: ``"all"`` (every unit's crop, the paper) or ``"random"``.
+        seed: of the random unit choice; the draw of call k depends only on (seed, k), and k is
+            a buffer, so a resumed run continues the same sequence.
+    """
+
+    def __init__(
+        self,
+        triplet: Triplet = "drcl",
+        margin: float = 0.3,
+        w_rec: float = 1.0,
+        w_drcl: float = 1.0,
+        w_id: float = 1.0,
+        w_crop: float = 1.0,
+        w_rec_satellite: float = 0.0,
+        crop_units: Literal["all", "random"] = "all",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if triplet not in TRIPLETS:
+            raise ValueError(f"triplet must be one of {TRIPLETS}, got {triplet!r}")
+        if crop_units not in ("all", "random"):
+            raise ValueError(f"crop_units must be 'all' or 'random', got {crop_units!r}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.triplet, self.margin = triplet, float(margin)
+        self.weights = {
+            "rec": float(w_rec),
+            "rec_satellite": float(w_rec_satellite),
+            "triplet": float(w_drcl),
+            "id": float(w_id),
+            "id_crops": float(w_crop),
+        }
+        self.crop_units, self.seed = crop_units, int(seed)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    @property
+    def reconstruct_satellite(self) -> bool:
+        """Whether the step needs the satellite images' reconstruction (``w_rec_satellite > 0``)."""
+        return self.weights["rec_satellite"] > 0
+
+    def next_crop_units(self) -> tuple[int, ...]:
+        """The 0-based units whose crops the next step uses: all four, or one drawn at random.
+
+        The draw depends only on ``(seed, calls)``; :meth:`forward` counts the calls.
+        """
+        if self.crop_units == "all":
+            return (0, 1, 2, 3)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.calls))
+        return (int(torch.randint(4, (), generator=gen)),)
+
+    def forward(
+        self, out: TrainOutput, satellite: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Named loss parts of one batch.
+
+        Args:
+            out: :meth:`IMLNet.forward_train`'s output for the batch.
+            satellite: ``(B, 3, H, W)`` satellite images, the reconstruction target.
+            labels: ``(B,)`` building indices.
+
+        Returns:
+            ``{"id", "triplet", "rec", "rec_satellite", "id_crops", "total"}`` (switched-off parts
+            and parts the output lacks are absent), scalar float32 tensors.
+        """
+        d, s = out.drone, out.satellite
+        parts: dict[str, torch.Tensor] = {}
+        parts["id"] = classifier_loss(d.logits, d.unit_logits, labels) + classifier_loss(
+            s.logits, s.unit_logits, labels
+        )
+        if self.triplet == "drcl":
+            parts["triplet"] = drcl_loss(d.descriptor, s.descriptor, labels, self.margin)
+        elif self.triplet == "plain":
+            parts["triplet"] = plain_triplet_loss(d.embedding, s.embedding, labels, self.margin)
+        if d.reconstruction is not None:
+            parts["rec"] = reconstruction_loss(d.reconstruction, satellite)
+        if s.reconstruction is not None and self.reconstruct_satellite:
+            parts["rec_satellite"] = reconstruction_loss(s.reconstruction, satellite)
+        if out.drone_crops is not None and out.satellite_crops is not None:
+            parts["id_crops"] = sum(
+                mutual_crop_loss(c.logits, c.unit_logits, labels, out.crop_units)
+                for c in (out.drone_crops, out.satellite_crops)
+            )
+        self.calls += 1
+        parts["total"] = sum(self.weights[k] * v for k, v in parts.items())
+        return parts

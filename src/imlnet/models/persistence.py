@@ -1,0 +1,101 @@
+"""Saving and loading an IML-Net as ``model.safetensors`` + ``config.json`` (no pickle, no trainer).
+
+:meth:`IMLNet.save_pretrained <imlnet.models.imlnet.IMLNet.save_pretrained>` and
+:meth:`IMLNet.from_pretrained <imlnet.models.imlnet.IMLNet.from_pretrained>` call these.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from imlnet.errors import CheckpointError
+from imlnet.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from imlnet.models.imlnet import IMLNet
+
+#: Written into config.json and the safetensors metadata; bumped on incompatible changes.
+FORMAT = "imlnet-model/1"
+
+
+def save_model(model: IMLNet, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically.
+
+    The saved config has ``pretrained=False``: the weights are in the file, so loading needs
+    no ImageNet file.
+
+    Args:
+        directory: the model folder (created if missing).
+        meta: JSON-serialisable facts about how the model was trained, e.g.
+            ``{"image_size": 256}``; stored under ``"meta"`` in config.json and given back
+            as :attr:`meta` by :meth:`from_pretrained` (the commands take their default input
+            size from it).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    meta = {**model.meta, **(meta or {})}
+    write_json(
+        directory / "config.json",
+        {**model.config, "pretrained": False, "format": FORMAT, "meta": meta},
+    )
+    return directory
+
+
+def load_model(
+    cls: type[IMLNet], path: str | Path, map_location: str | torch.device = "cpu"
+) -> IMLNet:
+    """Load a model written by :meth:`save_pretrained`, in eval mode.
+
+    Args:
+        path: the folder, or its ``model.safetensors`` (``config.json`` must sit beside it).
+        map_location: device of the loaded weights.
+
+    Raises:
+        CheckpointError: a file is missing or corrupt, or the weights do not match the config.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    config_file = weights.with_name("config.json")
+    for f in (weights, config_file):
+        if not f.is_file():
+            raise CheckpointError(
+                f"{f} is missing: a model folder holds model.safetensors and config.json as "
+                "written by IMLNet.save_pretrained (training exports one to <log dir>/export)"
+            )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{config_file} is not an imlnet model config ({FORMAT})")
+    meta = config.pop("meta", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f'{config_file}: "meta" must be an object, got {meta!r}')
+    try:
+        model = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file} has unknown, missing or bad keys: {err}") from err
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{weights} is corrupt or not a safetensors file: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{weights} does not match {config_file} (saved by another model?): {err}"
+        ) from err
+    model.meta = dict(meta)
+    return model.to(map_location).eval()
