@@ -172,10 +172,9 @@ def _check_tables(tilesets: Sequence[TileSet], index: GalleryIndex | None) -> li
     seen_path: dict[str, str] = {}
     if index is not None:
         for i, row in enumerate(index.metadata):
-            where = f"gallery row {i}"
-            seen_path[row["path"]] = where
+            seen_path[row["path"]] = f"already in the gallery (row {i})"
             if row.get("tile_id"):
-                seen_id[row["tile_id"]] = where
+                seen_id[row["tile_id"]] = f"gallery row {i}"
     out = []
     for tiles in tilesets:
         if not tiles.rows:
@@ -184,19 +183,20 @@ def _check_tables(tilesets: Sequence[TileSet], index: GalleryIndex | None) -> li
         for line, row in enumerate(rows, start=2):
             where = f"{tiles.table}, line {line}"
             check_gallery_row(row, where)
+            tile_id = str(row.get("tile_id") or "")
             if row["path"] in seen_path:
                 raise GeoError(
-                    f"{where}: tile {row['path']} is already in the gallery "
-                    f"({seen_path[row['path']]}); do not append the same tiles twice"
+                    f"{where}: tile {tile_id or row['path']!r} ({row['path']}) is "
+                    f"{seen_path[row['path']]}; each tile must be indexed once: rerun `imlnet "
+                    "tile` (a stride of at least one pixel), do not append the same tiles twice"
                 )
-            tile_id = str(row.get("tile_id") or "")
             if tile_id in seen_id:
                 raise GeoError(
                     f"{where} and {seen_id[tile_id]} have the same tile_id {tile_id!r}; each "
                     "tile must be listed once: rerun `imlnet tile` (a stride of at least one "
                     "pixel) or index the tables separately"
                 )
-            seen_path[row["path"]] = where
+            seen_path[row["path"]] = f"also on {where}"
             if tile_id:
                 seen_id[tile_id] = where
         out.append(rows)

@@ -28,11 +28,13 @@ top-k tiles as their footprint Polygons) and ``summary.json``.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 import torch
 from PIL import Image
 
@@ -124,12 +126,21 @@ def read_truth(path: str | Path) -> dict[str, tuple[float, float]]:
     :func:`localize` for the matching.
 
     Raises:
-        GeoError: the file is missing, lacks a column, or has a bad or out-of-range value
-            (the message gives the line).
+        GeoError: the file is missing, lacks a column, has a bad or out-of-range value (the
+            message gives the line), or lists one image twice (the message gives both lines:
+            which one is right cannot be guessed).
     """
     path = Path(path)
     truth: dict[str, tuple[float, float]] = {}
+    first_line: dict[str, int] = {}
     for line, row in enumerate(read_csv(path, ("image", "lat", "lon")), start=2):
+        same = str((path.parent / row["image"]).resolve())
+        if same in first_line:
+            raise GeoError(
+                f"{path}, lines {first_line[same]} and {line}: image {row['image']!r} is listed "
+                "twice; keep the one true position and delete the other line"
+            )
+        first_line[same] = line
         try:
             lat, lon = float(row["lat"]), float(row["lon"])
         except ValueError as err:
@@ -138,6 +149,25 @@ def read_truth(path: str | Path) -> dict[str, tuple[float, float]]:
             raise GeoError(f"{path}, line {line}: lat {lat}, lon {lon} out of range")
         truth[row["image"]] = (lat, lon)
     return truth
+
+
+def truth_outside(
+    index: GalleryIndex, truth: Mapping[str, tuple[float, float]]
+) -> tuple[int, int] | None:
+    """How many known positions lie outside every tile footprint of the gallery.
+
+    Returns:
+        ``(outside, total)``, or None when there is no truth or the gallery records no
+        footprints (galleries built before they were recorded).
+    """
+    texts = np.array([row.get("footprint") or "" for row in index.metadata], dtype=object)
+    shapes = shapely.from_wkt(texts[texts != ""], on_invalid="ignore")
+    shapes = shapes[~shapely.is_missing(shapes)] if len(shapes) else shapes
+    if not truth or not len(shapes):
+        return None
+    points = shapely.points([(lon, lat) for lat, lon in truth.values()])
+    inside = np.unique(shapely.STRtree(shapes).query(points, predicate="intersects")[0])
+    return len(truth) - inside.size, len(truth)
 
 
 class _TruthMatcher:
@@ -269,6 +299,14 @@ def main(argv: Sequence[str]) -> int:
         checkpoint_name=str(args.checkpoint),
     )
     index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
+    outside = truth_outside(index, truth or {})
+    if outside is not None and outside[0] > outside[1] / 2:
+        print(
+            f"warning: {outside[0]} of {outside[1]} positions in {args.truth} lie outside every "
+            "tile of the gallery, so their errors will be large; check that the columns are "
+            "lat,lon (not lon,lat) and that the gallery covers the flight",
+            file=sys.stderr,
+        )
     results = localize(
         gindex.model_encoder(model, "drone"),
         index,
