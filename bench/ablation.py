@@ -1,7 +1,7 @@
 """Ablation on the synthetic benchmark: baseline, +IRN, +MUML, +DRCL, full IML-Net, over seeds.
 
-Each row is one of ``configs/ablations/*.yaml`` (its ``model`` switches) on top of the demo's
-training recipe (``imlnet.demo.RECIPE``: ResNet-18 from scratch, AdamW, cosine schedule). Every
+Each row is one of ``configs/ablations/*.yaml`` on top of the demo's training recipe
+(``configs/demo.yaml``: ResNet-18 from scratch, AdamW, cosine schedule). Every
 (row, seed) run trains on the same generated benchmark with Lightning, then ``trainer.test``
 evaluates both directions with the official University-1652 protocol. The seed drives the weight
 initialisation, the data order and the augmentations; the data are the same for every run.
@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from imlnet.data.synthetic.generate import SynthConfig, generate
-from imlnet.demo import RECIPE, recipe_run
+from imlnet.demo import DEMO_CONFIG, recipe_run
 from imlnet.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,9 @@ COLUMNS = (
 )
 
 
-def row_switches(row: str) -> dict[str, Any]:
-    """The model switches of ``configs/ablations/<row>.yaml``."""
-    with open(REPO / "configs" / "ablations" / f"{row}.yaml") as handle:
-        return dict(yaml.safe_load(handle)["model"])
+def row_config(row: str) -> Path:
+    """``configs/ablations/<row>.yaml``: the row's switches, laid over the demo's recipe."""
+    return REPO / "configs" / "ablations" / f"{row}.yaml"
 
 
 def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[s
             backbone=args.backbone,
             crop_units=args.crop_units,
             export_dir=Path(tmp) / "export",
-            **row_switches(row),
+            overlays=[row_config(row)],
         )
         trainer = L.Trainer(
             accelerator="cpu",
@@ -146,7 +145,8 @@ def main() -> None:
         k: getattr(args, k)
         for k in ("locations", "views", "size", "epochs", "batch_size", "sample_num", "backbone")
     }
-    settings.update(crop_units=args.crop_units, recipe=RECIPE, data=str(data))
+    recipe = yaml.safe_load(DEMO_CONFIG.read_text())["model"]
+    settings.update(crop_units=args.crop_units, recipe=recipe, data=str(data))
     out = Path(args.out)
     runs: list[dict[str, Any]] = []
     if args.resume and out.is_file():

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -19,15 +20,18 @@ from imlnet.cli import main as imlnet_main
 from imlnet.data.datamodule import CrossViewDataModule
 from imlnet.data.synthetic.generate import SynthConfig, generate
 from imlnet.data.synthetic.scene import SceneConfig
+from imlnet.demo import DEMO_CONFIG, recipe_run
+from imlnet.losses import IMLNetObjective
 from imlnet.models.imlnet import IMLNet
 from imlnet.training import IMLNetModule, best_checkpoint, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_NET = {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 32}
+TINY_OBJECTIVE = {"crop_units": "random"}
+#: the ``model`` section of a config: the module built from its parts
 TINY_MODEL = {
-    "backbone": "resnet18",
-    "muml_channels": 16,
-    "descriptor_dim": 32,
-    "crop_units": "random",
+    "model": {"class_path": "imlnet.models.IMLNet", "init_args": TINY_NET},
+    "objective": {"class_path": "imlnet.losses.IMLNetObjective", "init_args": TINY_OBJECTIVE},
 }
 
 
@@ -61,7 +65,7 @@ def _config(tmp: Path, root: Path, **trainer) -> Path:
             },
             **trainer,
         },
-        "model": dict(TINY_MODEL),
+        "model": TINY_MODEL,
         "data": {
             "root": str(root),
             "dataset": "synthetic",
@@ -109,7 +113,12 @@ def test_cli_fit_exports_best_model_and_metrics_match_evaluate(
     ckpt = log_dir / "checkpoints" / "last.ckpt"
     assert imlnet_main(["test", "--config", str(cfg), "--ckpt_path", str(ckpt)]) == 0
     tested = _metrics(tmp_path / "run" / "logs" / "version_1")[-1]
-    assert tested["test/R@1"] and tested["test/s2d_R@1"]
+    # one epoch: the last checkpoint is the exported (best) model, so the numbers agree
+    both = _evaluate(export, synth, tmp_path / "eval2.json")
+    for prefix, direction in (("test/", "drone->satellite"), ("test/s2d_", "satellite->drone")):
+        for key in ("R@1", "AP"):
+            expected = both[direction][key]
+            assert float(tested[prefix + key]) == pytest.approx(expected, abs=1e-4), prefix + key
 
 
 class _Crash(Exception):
@@ -139,8 +148,8 @@ def _fit(
         seed=0,
     )
     module = IMLNetModule(
-        num_classes=dm.num_classes,
-        **TINY_MODEL,
+        IMLNet(dm.num_classes, **TINY_NET),
+        IMLNetObjective(**TINY_OBJECTIVE),
         optimizer="adamw",
         lr=1e-3,
         export_dir=str(out / "export"),
@@ -234,16 +243,15 @@ def test_tiny_model_overfits_a_few_locations(synth: Path, tmp_path: Path) -> Non
         augment=False,
         seed=0,
     )
+    net = IMLNet(
+        dm.num_classes, backbone="resnet18", irn=False, muml=False, descriptor_dim=32, dropout=0.0
+    )
     module = IMLNetModule(
-        num_classes=dm.num_classes,
-        backbone="resnet18",
-        irn=False,
-        muml=False,
-        descriptor_dim=32,
+        net,
+        IMLNetObjective(),
         optimizer="adamw",
         lr=3e-3,
         scheduler="cosine",
-        dropout=0.0,
         export_dir=str(tmp_path / "export"),
     )
     trainer = L.Trainer(
@@ -264,64 +272,106 @@ def test_tiny_model_overfits_a_few_locations(synth: Path, tmp_path: Path) -> Non
     assert float(metrics["test/s2d_R@1"]) == 100.0
 
 
-@pytest.mark.parametrize("config", ["university1652.yaml", "sues200.yaml", "demo.yaml"])
-def test_configs_load(config: str, synth: Path, tmp_path: Path) -> None:
-    dataset = {"sues200.yaml": "synthetic"}.get(config)  # no SUES-200 folder here
-    args = [
-        "--config",
-        str(REPO / "configs" / config),
-        "--data.root",
-        str(synth),
-        "--model.pretrained",
-        "false",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.precision",
-        "32-true",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.logger",
-        "false",
-    ]
-    if dataset:
-        args += ["--data.dataset", dataset]
-    cli = cli_main(args, run=False)
-    assert cli.model.model.config["num_classes"] == cli.datamodule.num_classes
-    with open(REPO / "configs" / config) as handle:
-        expected = yaml.safe_load(handle)["model"]
-    for key, value in expected.items():
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+ROWS = sorted(p.stem for p in (REPO / "configs" / "ablations").glob("*.yaml"))
+
+
+def _objective_args(objective: IMLNetObjective) -> dict[str, object]:
+    """The objective's constructor arguments, read back from the object."""
+    w = objective.weights
+    return {
+        "triplet": objective.triplet,
+        "margin": objective.margin,
+        "crop_units": objective.crop_units,
+        "seed": objective.seed,
+        "w_rec": w["rec"],
+        "w_rec_satellite": w["rec_satellite"],
+        "w_drcl": w["triplet"],
+        "w_id": w["id"],
+        "w_crop": w["id_crops"],
+    }
+
+
+def _load(configs: list[Path], synth: Path, tmp_path: Path):
+    """The CLI's objects for ``configs`` on the tiny synthetic data, without running anything."""
+    args = [a for c in configs for a in ("--config", str(c))]
+    args += ["--data.root", str(synth), "--model.model.init_args.pretrained", "false"]
+    args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    if any(c.name == "sues200.yaml" for c in configs):
+        args += ["--data.dataset", "synthetic"]  # no SUES-200 folder here
+    return cli_main(args, run=False)
+
+
+def _expected(configs: list[Path]) -> dict[str, dict]:
+    """What the YAML files say, later files overriding earlier ones, per part."""
+    want: dict[str, dict] = {"model": {}, "objective": {}, "module": {}}
+    for config in configs:
+        with open(config) as handle:
+            section = yaml.safe_load(handle)["model"]
+        for part in ("model", "objective"):
+            want[part].update((section.get(part) or {}).get("init_args") or {})
+        want["module"].update({k: v for k, v in section.items() if k not in ("model", "objective")})
+    return want
+
+
+def _check(cli, want: dict[str, dict]) -> None:
+    module = cli.model
+    assert isinstance(module.model, IMLNet) and isinstance(module.objective, IMLNetObjective)
+    assert module.model.config["num_classes"] == cli.datamodule.num_classes  # linked
+    for key, value in want["model"].items():
         if key != "pretrained":
-            assert cli.model.hparams[key] == value, key
+            assert module.model.config[key] == value, key
+    objective = _objective_args(module.objective)
+    for key, value in want["objective"].items():
+        assert objective[key] == value, key
+    for key, value in want["module"].items():
+        assert module.hparams[key] == value, key
 
 
-@pytest.mark.parametrize("row", ["baseline", "irn", "muml", "drcl", "full"])
+def test_every_config_is_covered() -> None:
+    assert CONFIGS == ["demo.yaml", "sues200.yaml", "university1652.yaml"]
+    assert ROWS == ["baseline", "drcl", "full", "irn", "muml"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_configs_load(config: str, synth: Path, tmp_path: Path) -> None:
+    files = [REPO / "configs" / config]
+    want = _expected(files)
+    assert want["model"] and want["module"]  # the file sets the network and the optimisation
+    _check(_load(files, synth, tmp_path), want)
+
+
+@pytest.mark.parametrize("row", ROWS)
 def test_ablation_rows(row: str, synth: Path, tmp_path: Path) -> None:
-    cli = cli_main(
-        [
-            "--config",
-            str(REPO / "configs" / "demo.yaml"),
-            "--config",
-            str(REPO / "configs" / "ablations" / f"{row}.yaml"),
-            "--data.root",
-            str(synth),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger",
-            "false",
-        ],
-        run=False,
+    for base in ("demo.yaml", "university1652.yaml"):
+        files = [REPO / "configs" / base, REPO / "configs" / "ablations" / f"{row}.yaml"]
+        cli = _load(files, synth, tmp_path)
+        _check(cli, _expected(files))
+        model = cli.model
+        assert model.model.irn_enabled == (row in ("irn", "full"))
+        assert model.model.muml_enabled == (row in ("muml", "full"))
+        assert model.objective.triplet == ("drcl" if row in ("drcl", "full") else "none")
+        # the row changes only its switches: the base's recipe stays
+        assert model.hparams["lr"] == _expected(files[:1])["module"]["lr"]
+
+
+def test_demo_and_ablation_train_the_demo_config(synth: Path, tmp_path: Path) -> None:
+    """``recipe_run`` is configs/demo.yaml with the demo's own flags and a row on top."""
+    kw = {"size": 32, "batch_size": 3, "sample_num": 2, "seed": 5, "backbone": "resnet18"}
+    row = REPO / "configs" / "ablations" / "drcl.yaml"
+    dm, module = recipe_run(
+        synth, **kw, crop_units="all", export_dir=tmp_path / "x", overlays=[row]
     )
-    model = cli.model
-    assert model.model.irn_enabled == (row in ("irn", "full"))
-    assert model.model.muml_enabled == (row in ("muml", "full"))
-    assert model.objective.triplet == ("drcl" if row in ("drcl", "full") else "none")
-
-
-def test_module_passes_every_objective_switch() -> None:
-    module = IMLNetModule(num_classes=3, **TINY_MODEL, margin=0.2, w_rec=0.5, w_crop=0.25)
-    obj = module.objective
-    assert obj.crop_units == "random" and obj.margin == 0.2
-    assert obj.weights["rec"] == 0.5 and obj.weights["id_crops"] == 0.25
+    want = _expected([DEMO_CONFIG, row])
+    want["model"]["backbone"] = "resnet18"
+    want["objective"]["crop_units"] = "all"
+    cli = SimpleNamespace(model=module, datamodule=dm)
+    _check(cli, want)
+    assert module.model.config["muml_channels"] == 128 and not module.model.muml_enabled
+    assert (dm.image_size, dm.batch_size, dm.sample_num, dm.seed) == (32, 3, 2, 5)
+    assert dm.eval_batch_size == 64  # from the config
+    assert module.hparams["export_dir"] == str(tmp_path / "x")
 
 
 def test_best_checkpoint_monitors_retrieval() -> None:

@@ -19,18 +19,11 @@ from pathlib import Path
 
 import torch
 
+from imlnet.errors import ImlnetError
 from imlnet.io import atomic_write, write_json
 
-#: How the demo trains (and ``bench/ablation.py``, row switches on top): from scratch on a CPU,
-#: AdamW with a cosine schedule, the whole network at one learning rate.
-RECIPE = {
-    "muml_channels": 128,
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "backbone_lr_mult": 1.0,
-    "weight_decay": 1e-4,
-    "scheduler": "cosine",
-}
+#: The demo's training recipe (also ``bench/ablation.py``'s and ``imlnet fit --config``'s).
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def recipe_run(
@@ -43,34 +36,41 @@ def recipe_run(
     backbone: str,
     crop_units: str,
     export_dir: str | Path,
-    **switches,
+    overlays: Sequence[str | Path] = (),
 ):
-    """The data module and the model the demo trains (``bench/ablation.py`` adds row switches).
+    """The data module and the module ``imlnet fit --config configs/demo.yaml`` would train.
+
+    The recipe is read from :data:`DEMO_CONFIG` through the training CLI's own parser, so the
+    demo, ``bench/ablation.py`` and ``imlnet fit`` train the same thing.
+
+    Args:
+        data: the synthetic benchmark's folder.
+        size, batch_size, sample_num, seed: the data module's image size, batch, drone views
+            per building and seed (``seed`` also seeds the weights).
+        backbone: the encoder; crop_units: ``"all"`` or ``"random"`` MUML crops.
+        export_dir: where the trained model is exported.
+        overlays: more config files on top (``configs/ablations/<row>.yaml``).
 
     Returns:
         ``(CrossViewDataModule, IMLNetModule)`` on the synthetic benchmark at ``data``.
     """
-    from imlnet.data.datamodule import CrossViewDataModule
-    from imlnet.training import IMLNetModule
+    from imlnet.training import cli_main
 
-    dm = CrossViewDataModule(
-        root=str(data),
-        dataset="synthetic",
-        image_size=size,
-        batch_size=batch_size,
-        eval_batch_size=64,
-        sample_num=sample_num,
-        seed=seed,
-    )
-    module = IMLNetModule(
-        num_classes=dm.num_classes,
-        backbone=backbone,
-        crop_units=crop_units,
-        **RECIPE,
-        **switches,
-        export_dir=str(export_dir),
-    )
-    return dm, module
+    if not DEMO_CONFIG.is_file():
+        raise ImlnetError(
+            f"{DEMO_CONFIG} is missing: the demo's recipe lives in the repository's configs/ "
+            "folder; run the demo from a checkout of imlnet (an editable install)"
+        )
+    args = [a for c in (DEMO_CONFIG, *overlays) for a in ("--config", str(c))]
+    args += ["--seed_everything", str(seed), "--trainer.logger", "false"]
+    args += ["--data.root", str(data), "--data.dataset", "synthetic"]
+    args += ["--data.image_size", str(size), "--data.batch_size", str(batch_size)]
+    args += ["--data.sample_num", str(sample_num), "--data.seed", str(seed)]
+    args += ["--model.model.init_args.backbone", backbone]
+    args += ["--model.objective.init_args.crop_units", crop_units]
+    args += ["--model.export_dir", str(export_dir)]
+    cli = cli_main(args, run=False)
+    return cli.datamodule, cli.model
 
 
 def _log(msg: str) -> None:

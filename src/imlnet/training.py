@@ -55,49 +55,31 @@ def training_losses(
 
 
 class IMLNetModule(L.LightningModule):
-    """IML-Net training and evaluation.
+    """IML-Net training and evaluation, built from its parts.
 
-    Args (model; see :class:`~imlnet.models.imlnet.IMLNet`):
-        num_classes: training buildings (linked from the datamodule by the CLI).
-        backbone, pretrained, share_weights, pool, descriptor_dim, radius, irn, muml,
-        muml_channels, theta, crop_padding, dropout: the model's switches; ``None`` keeps the
-        model's default.
-    Args (objective; see :class:`~imlnet.losses.IMLNetObjective`):
-        triplet: ``"drcl"`` (the paper), ``"plain"`` (unnormalised batch-hard) or ``"none"``.
-        margin, w_rec, w_drcl, w_id, w_crop: margin and loss weights; ``None`` = the default.
-        crop_units: MUML crops of all four units per batch (the paper) or of one random unit.
-    Args (optimisation):
+    With LightningCLI a config names the parts (``model.model`` and ``model.objective`` as
+    ``class_path``/``init_args``; ``num_classes`` is linked from the data module), so the module
+    does not repeat their arguments (configs/*.yaml).
+
+    Args:
+        model: the network (:class:`~imlnet.models.imlnet.IMLNet`).
+        objective: the losses, weights and switches (:class:`~imlnet.losses.IMLNetObjective`);
+            default: DRCL, IRN and MUML terms with unit weights.
         optimizer: ``"sgd"`` (the University-1652 baseline: momentum, nesterov) or ``"adamw"``.
         lr: learning rate of the new layers; the pretrained backbone gets ``lr * backbone_lr_mult``.
+        weight_decay, momentum: of the optimiser (momentum: SGD only).
         scheduler: ``"step"`` (x ``gamma`` every ``step_size`` epochs, the baseline), ``"cosine"``
             (to 0 at ``trainer.max_epochs``) or ``"none"``; ``warmup_epochs`` of linear warm-up.
         eval_protocol: ``"official"`` University-1652 protocol or ``"sample4geo"``.
+        monitor: the metric that picks the exported model.
         export_dir: where the best model is saved as safetensors (default: ``<log dir>/export``).
         channels_last: NHWC memory format (faster convolutions with AMP on GPUs).
     """
 
     def __init__(
         self,
-        num_classes: int = 2,
-        backbone: str = "resnet50",
-        pretrained: bool | str = False,
-        share_weights: bool = True,
-        pool: Literal["gem", "avg"] = "gem",
-        descriptor_dim: int = 512,
-        radius: float | None = None,
-        irn: bool = True,
-        muml: bool = True,
-        muml_channels: int = 512,
-        theta: float = 0.5,
-        crop_padding: float = 0.1,
-        dropout: float = 0.5,
-        triplet: Literal["drcl", "plain", "none"] = "drcl",
-        margin: float | None = None,
-        w_rec: float | None = None,
-        w_drcl: float | None = None,
-        w_id: float | None = None,
-        w_crop: float | None = None,
-        crop_units: Literal["all", "random"] = "all",
+        model: IMLNet,
+        objective: IMLNetObjective | None = None,
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
         backbone_lr_mult: float = 0.1,
@@ -113,43 +95,13 @@ class IMLNetModule(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model = IMLNet(
-            **self._drop_none(
-                num_classes=num_classes,
-                backbone=backbone,
-                pretrained=pretrained,
-                share_weights=share_weights,
-                pool=pool,
-                descriptor_dim=descriptor_dim,
-                radius=radius,
-                irn=irn,
-                muml=muml,
-                muml_channels=muml_channels,
-                theta=theta,
-                crop_padding=crop_padding,
-                dropout=dropout,
-            )
-        )
-        self.objective = IMLNetObjective(
-            **self._drop_none(
-                triplet=triplet,
-                margin=margin,
-                w_rec=w_rec,
-                w_drcl=w_drcl,
-                w_id=w_id,
-                w_crop=w_crop,
-                crop_units=crop_units,
-            )
-        )
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # The parts are modules (saved in the state dict); their arguments are in the CLI's
+        # config.yaml and in the exported model's config.json.
+        self.save_hyperparameters(ignore=["model", "objective"])
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.objective = objective if objective is not None else IMLNetObjective()
         self._features: dict[int, list[torch.Tensor]] = {}
         self._labels: dict[int, list[torch.Tensor]] = {}
-
-    @staticmethod
-    def _drop_none(**kwargs: Any) -> dict[str, Any]:
-        return {k: v for k, v in kwargs.items() if v is not None}
 
     # ------------------------------------------------------------------ training
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,10 +296,12 @@ def best_checkpoint(monitor: str = "val/R@1") -> ModelCheckpoint:
 
 
 class IMLNetCLI(LightningCLI):
-    """LightningCLI with the number of classes linked from the data to the model."""
+    """LightningCLI with the number of classes linked from the data to the network."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments(
+            "data.num_classes", "model.model.init_args.num_classes", apply_on="instantiate"
+        )
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> IMLNetCLI:
