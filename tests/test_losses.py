@@ -22,6 +22,7 @@ from imlnet.losses import (
     reconstruction_loss,
     to_sphere,
 )
+from imlnet.losses.infonce import InfoNCE, infonce_loss
 from imlnet.models import IMLNetOutput, TrainOutput
 
 
@@ -266,3 +267,87 @@ def test_objective_is_a_function_of_outputs_and_labels(units) -> None:
     bare = TrainOutput(_output(g, 4, 3, False, False), _output(g, 4, 3, False, False))
     assert set(IMLNetObjective(triplet="none")(bare, sat, labels)) == {"id", "total"}
     assert int(objective.calls) == 1
+
+
+# --------------------------------------------------------------------------- InfoNCE
+def naive_infonce(drone, sat, labels, scale: float, smoothing: float = 0.0) -> float:
+    """Symmetric InfoNCE by loops: per anchor, the mean over its building's references p of the
+    cross-entropy of p against the anchor's negatives (other positives left out)."""
+
+    def unit(v: list[float]) -> list[float]:
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v]
+
+    d = [unit(v) for v in drone.double().tolist()]
+    s = [unit(v) for v in sat.double().tolist()]
+    lab = labels.tolist()
+    n = len(lab)
+
+    def direction(a, b) -> float:
+        total = 0.0
+        for i in range(n):
+            score = [scale * sum(x * y for x, y in zip(a[i], b[j], strict=True)) for j in range(n)]
+            pos = [j for j in range(n) if lab[j] == lab[i]]
+            neg = [j for j in range(n) if lab[j] != lab[i]]
+            row = 0.0
+            for p in pos:
+                group = [p, *neg]
+                log_z = math.log(sum(math.exp(score[j]) for j in group))
+                for j in group:
+                    target = (1 - smoothing) * (j == p) + smoothing / len(group)
+                    row -= target * (score[j] - log_z)
+            total += row / len(pos)
+        return total / n
+
+    return 0.5 * (direction(d, s) + direction(s, d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_infonce_matches_a_plain_recomputation(dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    drone, sat = torch.randn(6, 5, generator=g).to(dtype), torch.randn(6, 5, generator=g).to(dtype)
+    for labels in (torch.arange(6), torch.tensor([0, 1, 0, 2, 1, 0])):  # unique, then duplicates
+        for scale, smoothing in ((1 / 0.07, 0.0), (3.0, 0.1)):
+            got = infonce_loss(drone, sat, labels, torch.tensor(scale), smoothing)
+            assert got.dtype == torch.float32
+            want = naive_infonce(drone.double(), sat.double(), labels, scale, smoothing)
+            assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_infonce_with_unique_labels_is_sample4geo_and_duplicates_are_not_negatives() -> None:
+    g = torch.Generator().manual_seed(12)
+    drone, sat = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    scale = torch.tensor(10.0)
+    d, s = torch.nn.functional.normalize(drone), torch.nn.functional.normalize(sat)
+    logits = scale * d @ s.T
+    eye = torch.arange(5)
+    ce = torch.nn.functional.cross_entropy
+    sample4geo = 0.5 * (ce(logits, eye) + ce(logits.T, eye))
+    torch.testing.assert_close(infonce_loss(drone, sat, eye, scale), sample4geo)
+    # Building 0 twice: satellite 1 is a positive of drone 0, not a negative, so raising
+    # their similarity lowers the loss (the diagonal-only loss would push them apart).
+    labels = torch.tensor([0, 0, 1, 2, 3])
+    sat1 = sat.clone().requires_grad_(True)
+    infonce_loss(drone, sat1, labels, scale).backward()
+    assert float((-sat1.grad[1] * d[0]).sum()) > 0  # gradient descent moves it towards drone 0
+    sat2 = sat.clone().requires_grad_(True)
+    sample4geo_loss = 0.5 * (
+        ce(scale * d @ torch.nn.functional.normalize(sat2).T, eye)
+        + ce(scale * torch.nn.functional.normalize(sat2) @ d.T, eye)
+    )
+    sample4geo_loss.backward()
+    assert not torch.allclose(sat1.grad[1], sat2.grad[1])
+
+
+def test_infonce_temperature_learned_or_fixed() -> None:
+    learned, fixed = InfoNCE(0.07), InfoNCE(0.5, learn_temperature=False)
+    assert [n for n, _ in learned.named_parameters()] == ["log_scale"]
+    assert not list(fixed.parameters()) and "log_scale" in fixed.state_dict()
+    assert float(learned.scale) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert float(fixed.scale) == pytest.approx(2.0, rel=1e-5)
+    g = torch.Generator().manual_seed(13)
+    drone = torch.randn(4, 3, generator=g, requires_grad=True)
+    learned(drone, torch.randn(4, 3, generator=g), torch.tensor([0, 1, 2, 3])).backward()
+    assert learned.log_scale.grad is not None and drone.grad is not None
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCE(0.0)

@@ -16,6 +16,7 @@ from imlnet.losses import (
     IMLNetObjective,
     drcl_loss,
     id_loss,
+    infonce_loss,
     plain_triplet_loss,
     reconstruction_loss,
 )
@@ -147,6 +148,7 @@ SWITCHES = [
     ({}, {"w_rec_satellite": 0.5}, {"id", "triplet", "rec", "rec_satellite", "id_crops"}),
     ({"share_weights": False}, {}, {"id", "triplet", "rec", "id_crops"}),
     ({}, {"triplet": "none"}, {"id", "rec", "id_crops"}),
+    ({"irn": False}, {"triplet": "infonce"}, {"id", "triplet", "id_crops"}),
     ({"irn": False}, {"triplet": "plain"}, {"id", "triplet", "id_crops"}),
     ({"muml": False}, {}, {"id", "triplet", "rec"}),
     ({"muml": False, "pool": "avg"}, {"triplet": "none"}, {"id", "rec"}),
@@ -167,7 +169,8 @@ def test_parts_and_gradients_follow_the_switches(batch, model_kw, loss_kw, parts
     assert ("encoders" in prefixes) == (not share)
 
     weights = {"w_rec": 2.0, "w_drcl": 3.0, "w_id": 0.5, "w_crop": 0.25}
-    out = training_losses(model, IMLNetObjective(**weights, **loss_kw), *batch)
+    objective = IMLNetObjective(**weights, **loss_kw)
+    out = training_losses(model, objective, *batch)
     assert set(out) == parts | {"total"}
     assert all(v.dim() == 0 and v.dtype == torch.float32 for v in out.values())
     w = {
@@ -183,6 +186,9 @@ def test_parts_and_gradients_follow_the_switches(batch, model_kw, loss_kw, parts
     out["total"].backward()
     missed = [n for n, ok in _grads(model).items() if not ok]
     assert not missed, missed
+    # the objective's own parameters: InfoNCE's learned temperature, nothing otherwise
+    learned = [n for n, p in objective.named_parameters() if p.grad is not None]
+    assert learned == (["infonce.log_scale"] if loss_kw.get("triplet") == "infonce" else [])
     if not share:
         names = _grads(model)
         assert any(n.startswith("encoders.drone.") for n in names)
@@ -235,6 +241,8 @@ def naive_objective(model, objective, drone, sat, labels, units):
     else:
         a, b, loss = out["drone"].descriptor, out["satellite"].descriptor, drcl_loss
     parts["triplet"] = loss(a, b, labels, objective.margin)
+    if objective.triplet == "infonce":  # Sample4Geo's defaults: T = 0.07, smoothing 0.1
+        parts["triplet"] = infonce_loss(a, b, labels, torch.tensor(1 / 0.07), 0.1)
     parts["rec"] = ((out["drone"].reconstruction - sat) ** 2).mean()
     parts["rec_satellite"] = ((out["satellite"].reconstruction - sat) ** 2).mean()
     w = objective.weights
@@ -242,7 +250,7 @@ def naive_objective(model, objective, drone, sat, labels, units):
     return parts
 
 
-@pytest.mark.parametrize("triplet", ["drcl", "plain"])
+@pytest.mark.parametrize("triplet", ["drcl", "plain", "infonce"])
 def test_objective_equals_a_plain_recomputation(batch, triplet):
     model = small_model().eval()  # eval: no dropout, fixed BN, so passes are comparable
     weights = {"w_rec": 0.5, "w_drcl": 2.0, "w_id": 0.7, "w_crop": 0.3, "w_rec_satellite": 0.1}
@@ -253,7 +261,7 @@ def test_objective_equals_a_plain_recomputation(batch, triplet):
     assert set(parts) == set(expected)
     for key in parts:
         torch.testing.assert_close(parts[key], torch.as_tensor(expected[key]), msg=key)
-    if triplet == "plain":
+    if triplet != "drcl":
         return
     # One random unit's crop (plus the combined one): one of the four single-unit objectives.
     rand = IMLNetObjective(crop_units="random", seed=3)

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 
 from imlnet.losses.drcl import drcl_loss, plain_triplet_loss
+from imlnet.losses.infonce import InfoNCE
 from imlnet.losses.mutual import classifier_loss, mutual_crop_loss
 from imlnet.losses.reconstruction import reconstruction_loss
 
 if TYPE_CHECKING:
     from imlnet.models.imlnet import TrainOutput
 
-Triplet = Literal["drcl", "plain", "none"]
-TRIPLETS = ("drcl", "plain", "none")
+Triplet = Literal["drcl", "plain", "infonce", "none"]
+TRIPLETS = ("drcl", "plain", "infonce", "none")
 
 
 class IMLNetObjective(nn.Module):
@@ -33,8 +34,10 @@ class IMLNetObjective(nn.Module):
     - ``rec`` (IRN): MSE between the reconstruction from the *drone* image's features and the
       satellite image of the same building. ``rec_satellite`` (when ``w_rec_satellite > 0``):
       satellite -> satellite autoencoding.
-    - ``triplet``: DRCL on the radius-r descriptors (``"drcl"``), the same on the unnormalised
-      embeddings (``"plain"``), or absent (``"none"``).
+    - ``triplet`` (the metric loss, weight ``w_drcl``): DRCL on the radius-r descriptors
+      (``"drcl"``), the same on the unnormalised embeddings (``"plain"``), symmetric InfoNCE over
+      the batch's pairs on the descriptors (``"infonce"``, Sample4Geo's loss, not the paper's:
+      :mod:`imlnet.losses.infonce`), or absent (``"none"``).
     - ``id``: summed over the two domains, cross-entropy of the descriptor classifier plus the
       mean over the four unit classifiers (MUML). Without MUML this is the baseline's loss.
     - ``id_crops`` (MUML): the mutual-learning rule (:func:`imlnet.losses.mutual.mutual_crop_loss`)
@@ -42,12 +45,14 @@ class IMLNetObjective(nn.Module):
       crop per batch (plus the combined one), a cheaper approximation.
 
     Args:
-        triplet: ``"drcl"``, ``"plain"`` or ``"none"``.
+        triplet: ``"drcl"``, ``"plain"``, ``"infonce"`` or ``"none"``.
         margin: triplet margin (for DRCL in the units of the radius: distances lie in [0, 2r]).
         w_rec, w_rec_satellite, w_drcl, w_id, w_crop: loss weights.
         crop_units: ``"all"`` (every unit's crop, the paper) or ``"random"``.
         seed: of the random unit choice; the draw of call k depends only on (seed, k), and k is
             a buffer, so a resumed run continues the same sequence.
+        temperature, learn_temperature, label_smoothing: of InfoNCE (``triplet="infonce"``
+            only; Sample4Geo: 0.07, learned, 0.1).
     """
 
     def __init__(
@@ -61,6 +66,9 @@ class IMLNetObjective(nn.Module):
         w_rec_satellite: float = 0.0,
         crop_units: Literal["all", "random"] = "all",
         seed: int = 0,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        label_smoothing: float = 0.1,
     ) -> None:
         super().__init__()
         if triplet not in TRIPLETS:
@@ -78,6 +86,12 @@ class IMLNetObjective(nn.Module):
             "id_crops": float(w_crop),
         }
         self.crop_units, self.seed = crop_units, int(seed)
+        # only with InfoNCE, so that the other objectives' state dicts stay as they were
+        self.infonce = (
+            InfoNCE(temperature, learn_temperature, label_smoothing)
+            if triplet == "infonce"
+            else None
+        )
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     @property
@@ -118,6 +132,8 @@ class IMLNetObjective(nn.Module):
             parts["triplet"] = drcl_loss(d.descriptor, s.descriptor, labels, self.margin)
         elif self.triplet == "plain":
             parts["triplet"] = plain_triplet_loss(d.embedding, s.embedding, labels, self.margin)
+        elif self.infonce is not None:
+            parts["triplet"] = self.infonce(d.descriptor, s.descriptor, labels)
         if d.reconstruction is not None:
             parts["rec"] = reconstruction_loss(d.reconstruction, satellite)
         if s.reconstruction is not None and self.reconstruct_satellite:
