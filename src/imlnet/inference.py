@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -72,6 +73,8 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageReadError(f"{path}: image not found; check the path")
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_MODES:  # PIL's convert would clip 16-bit values at 255
+                return _wide_to_rgb(image)
             return image.convert("RGB")  # forces the full decode: truncation is caught here
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageReadError(
@@ -81,6 +84,21 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageReadError(
             f"{path}: image too large to decode safely ({err}); resize it first"
         ) from err
+
+
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _wide_to_rgb(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as RGB, its range scaled to 0..255 (not clipped)."""
+    values = np.asarray(image, dtype=np.float64)
+    peak = float(values.max(initial=0))
+    if image.mode == "F":
+        top = 1.0 if peak <= 1.0 else peak
+    else:  # 16-bit, or 32-bit integers holding 8-bit or 16-bit values
+        top = 255.0 if image.mode == "I" and peak <= 255 else max(65535.0, peak)
+    grey = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def eval_transform(image_size: int) -> Transform:

@@ -109,19 +109,23 @@ def _siblings(path: Path, kind: str) -> list[Path]:
     return sorted(path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"))
 
 
-def recover_staged_dir(path: str | os.PathLike[str]) -> None:
-    """Clean up after a :func:`staged_dir` that was killed: restore or drop its leftovers.
+def recover_staged_dir(path: str | os.PathLike[str], *, clean: bool = True) -> None:
+    """Repair what a killed :func:`staged_dir` left beside ``path``.
 
-    A kill between the two renames of the swap leaves ``path`` missing and the previous
-    content in ``.<name>.old-*``: it is moved back. Staging folders of killed runs are removed.
+    A kill between the two renames of the swap leaves ``path`` missing and its previous content
+    in ``.<name>.old-*``: it is moved back. With ``clean`` (writers, before they start), the
+    leftovers of killed runs (staging folders, old copies) are removed as well; readers pass
+    ``clean=False`` so that a writer's staging folder in progress is left alone.
     """
     path = Path(path)
     olds = _siblings(path, "old")
     if olds and not path.exists():
-        os.rename(olds[-1], path)
-        olds = olds[:-1]
-    for leftover in [*olds, *_siblings(path, "staging")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rename(olds[-1], path)
+            olds = olds[:-1]
+    if clean:
+        for leftover in [*olds, *_siblings(path, "staging")]:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager

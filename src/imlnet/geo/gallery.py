@@ -329,6 +329,7 @@ class GalleryIndex:
                 on the count or dim, or the checkpoint does not match. The message names the file.
         """
         folder = Path(folder)
+        recover_staged_dir(folder, clean=False)  # a save killed in the middle of its swap
         paths = {name: folder / name for name in (MANIFEST_FILE, INDEX_FILE, METADATA_FILE)}
         for path in paths.values():
             if not path.is_file():

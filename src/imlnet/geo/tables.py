@@ -23,7 +23,7 @@ from shapely.geometry import Polygon
 from shapely.geometry.polygon import orient
 
 from imlnet.errors import GeoError
-from imlnet.io import atomic_write
+from imlnet.io import atomic_write, recover_staged_dir
 
 #: Columns of ``tiles.csv``, in order.
 TILE_COLUMNS = (
@@ -210,6 +210,7 @@ def read_tileset(folder: str | Path) -> TileSet:
         GeoError: ``tiles.csv`` is missing, lacks columns, or has a non-numeric coordinate.
     """
     root = Path(folder)
+    recover_staged_dir(root, clean=False)  # a tile run killed in the middle of its swap
     if root.is_file() and root.suffix.lower() == ".csv":
         root, table = root.parent, root
     else:
