@@ -69,13 +69,16 @@ def bad_images(folder: Path) -> dict[str, Path]:
     return files
 
 
+MESSAGES = {
+    "bad_truncated": "cannot decode image (image file is truncated",
+    "bad_zero": "cannot decode image (cannot identify image file",
+    "bad_bomb": "image too large to decode safely",
+}
+
+
 def test_reader_on_every_case(tmp_path: Path) -> None:
     files = bad_images(tmp_path)
-    messages = {
-        "bad_truncated": "cannot decode image (image file is truncated",
-        "bad_zero": "cannot decode image (cannot identify image file",
-        "bad_bomb": "image too large to decode safely",
-    }
+    messages = MESSAGES
     for case, path in files.items():
         if case in messages:
             with pytest.raises(inference.ImageReadError) as info:
@@ -140,6 +143,9 @@ def test_index_and_localize_on_every_bad_image(
             if case.startswith("bad_"):
                 assert code == 2 and not out.exists(), (case, err)
                 assert err.startswith(f"imlnet index: error: {target}: ") and "\n" not in err
+                assert (
+                    MESSAGES[case] in err
+                )  # cannot decode image / image too large to decode safely
             else:
                 assert code == 0 and err == "", (case, err)
     target.write_bytes(original)
@@ -154,6 +160,7 @@ def test_index_and_localize_on_every_bad_image(
             err = captured.err.strip()
             assert code == 2 and not out.exists(), (case, err)
             assert err.startswith(f"imlnet localize: error: {path}: ") and "\n" not in err
+            assert MESSAGES[case] in err  # cannot decode image / image too large to decode safely
         else:
             assert code == 0 and (out / "results.csv").is_file(), (case, captured.err)
 
@@ -177,6 +184,7 @@ def test_tile_on_broken_rasters(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "png.tif": png_bytes(),
         "text.tif": b"this is not a raster\n" * 10,
     }
+    seen: dict[str, str] = {}
     for name, content in cases.items():
         src = tmp_path / name
         src.write_bytes(content)
@@ -185,6 +193,10 @@ def test_tile_on_broken_rasters(tmp_path: Path, capsys: pytest.CaptureFixture[st
         err = capsys.readouterr().err.strip()
         assert code == 2 and not out.exists(), (name, err)
         assert err.startswith(f"imlnet tile: error: {src}: ") and "\n" not in err, err
+        seen[name] = err
+    assert "cannot open as a raster" in seen["zero.tif"] and "cannot open" in seen["text.tif"]
+    assert "cannot read the window at column 0, row 0" in seen["truncated.tif"]
+    assert "has no georeference" in seen["png.tif"]  # GDAL reads the PNG: no CRS
 
 
 # -- untrusted files ---------------------------------------------------------------------------

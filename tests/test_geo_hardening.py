@@ -68,6 +68,7 @@ def test_tiles_under_a_few_pixels_and_sub_pixel_strides_are_refused(
     assert cli_main([*tile, "--tile-size-m", "180", "--stride-m", "45"]) == 2
     err = one_line_error(capsys)
     assert "coarse.tif: a tile of 180 m is 1 x 1 px" in err and "(300 x 300 m)" in err
+    assert "a tile needs at least 8 px a side" in err
     assert "--tile-size-m between 2.4e+03 and 1.92e+04" in err
     assert cli_main([*tile, "--tile-size-m", "3000", "--stride-m", "45"]) == 2
     err = one_line_error(capsys)
@@ -106,9 +107,10 @@ def test_index_refuses_duplicate_tile_ids_naming_the_rows(
     message = str(info.value)
     assert f"tiles.csv, line {len(rows) + 1}: tile {tiles.rows[1]['tile_id']!r}" in message
     assert "is also on " in message and "tiles.csv, line 3;" in message
+    assert "each tile must be indexed once" in message
     # another window under a tile_id already used (two tables of the same stem)
     write_csv(tiles.table, [*tiles.rows, {**tiles.rows[1], "path": "x.jpg"}], TILE_COLUMNS)
-    with pytest.raises(GeoError, match=rf"line {len(rows) + 1} and .*tiles\.csv, line 3 have"):
+    with pytest.raises(GeoError, match=rf"{len(rows) + 1} and .*, line 3 have the same tile_id"):
         build_index(encoder, tiles.root, transform=to_tensor, progress=False)
     # the same tiles again (appending a folder twice) names the gallery row
     write_csv(tiles.table, tiles.rows, TILE_COLUMNS)
@@ -189,8 +191,11 @@ def test_bad_gallery_rows_are_refused_and_localize_writes_all_or_nothing(tmp_pat
     row = {"path": "a.jpg", "lat": 47.0, "lon": 8.0, "crs": "EPSG:4326", "source": "m.tif"}
     inf = "POLYGON ((inf inf, inf inf, inf inf, inf inf))"
     index = GalleryIndex(4)
-    with pytest.raises(GeoError, match=r"metadata row 0 \(a\.jpg\): footprint 'POLYGON \(\(inf"):
+    with pytest.raises(
+        GeoError, match=r"metadata row 0 \(a\.jpg\): footprint 'POLYGON \(\(inf"
+    ) as e:
         index.add(np.ones((1, 4)), [{**row, "footprint": inf}])
+    assert "is not a closed WKT POLYGON of lon/lat corners" in str(e.value)
     with pytest.raises(GeoError, match="out of range or not finite"):
         index.add(np.ones((1, 4)), [{**row, "lat": float("nan")}])
     # outputs are prepared before any is written: a bad footprint leaves the old ones
@@ -198,7 +203,7 @@ def test_bad_gallery_rows_are_refused_and_localize_writes_all_or_nothing(tmp_pat
     out.mkdir()
     (out / "results.csv").write_text("old\n")
     hit = {**row, "rank": 0, "id": 0, "score": 1.0, "footprint": inf, "tile_id": "t"}
-    with pytest.raises(GeoError, match="footprint"):
+    with pytest.raises(GeoError, match="is not a closed WKT POLYGON of lon/lat corners"):
         write_outputs([QueryResult("q.jpg", [hit], 47.0, 8.0, 1)], out)
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
     assert (out / "results.csv").read_text() == "old\n"
@@ -207,7 +212,9 @@ def test_bad_gallery_rows_are_refused_and_localize_writes_all_or_nothing(tmp_pat
 def test_truth_listing_an_image_twice_is_refused(tmp_path: Path) -> None:
     truth = tmp_path / "truth.csv"
     truth.write_text("image,lat,lon\na.jpg,47.0,8.0\nb.jpg,47.1,8.1\n./a.jpg,48.5,8.0\n")
-    with pytest.raises(GeoError, match=r"truth\.csv, lines 2 and 4: image './a\.jpg' is listed"):
+    with pytest.raises(
+        GeoError, match=r"truth\.csv, lines 2 and 4: image './a\.jpg' is listed twice"
+    ):
         read_truth(truth)
 
 
@@ -277,6 +284,7 @@ def test_truth_outside_every_tile_is_reported(
     assert cli_main([*argv, "--truth", str(swapped), "--out-dir", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert "warning: 3 of 3 positions in" in err and "lat,lon (not lon,lat)" in err
+    assert "lie outside every tile of the gallery" in err
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["estimate"]["median_error_m"] > 1e6  # what the warning is about
 
@@ -300,3 +308,36 @@ def test_staged_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
     recover_staged_dir(target)
     assert snapshot(target) == {"new.txt": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_missing_inputs_and_foreign_output_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = raster(tmp_path / "map.tif")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    argv = ["--tile-size-m", "8", "--stride-m", "8", "--quiet"]
+    assert cli_main(["tile", str(src), str(mine), *argv]) == 2
+    assert "mine: holds files that are not tiles (e.g. notes.txt)" in one_line_error(capsys)
+    assert snapshot(mine) == {"notes.txt": b"keep me"}
+    index = GalleryIndex(4)
+    index.add(np.ones((1, 4)), [{"path": "a", "lat": 1, "lon": 2, "crs": "c", "source": "s"}])
+    with pytest.raises(GeoError, match="holds files that are not part of a gallery"):
+        index.save(mine)
+    ckpt = fake_checkpoint(tmp_path, monkeypatch)
+    common = ["--checkpoint", str(ckpt), "--quiet"]
+    assert cli_main(["index", str(tmp_path / "none"), "--out", str(tmp_path / "g"), *common]) == 2
+    assert "none/tiles.csv: no tile table; run `imlnet tile" in one_line_error(capsys)
+    assert cli_main(["tile", str(src), str(tmp_path / "t"), *argv]) == 0
+    assert cli_main(["index", str(tmp_path / "t"), "--out", str(tmp_path / "g"), *common]) == 0
+    capsys.readouterr()
+    loc = ["localize", "--index", str(tmp_path / "g"), *common]
+    assert cli_main([*loc, str(tmp_path / "nothere.jpg")]) == 2
+    assert "nothere.jpg: query image not found" in one_line_error(capsys)
+    (tmp_path / "empty").mkdir()
+    assert cli_main([*loc, str(tmp_path / "empty")]) == 2
+    assert "no query images found in" in one_line_error(capsys)
+    assert cli_main([*loc, str(tmp_path / "empty"), "--k", "0"]) == 2
+    assert "--k must be >= 1" in one_line_error(capsys)
+    assert not Path("localize-out").exists()

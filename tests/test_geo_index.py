@@ -178,7 +178,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
     corrupt = copy("corrupt")
     (corrupt / "index.faiss").write_bytes(b"not a faiss index at all" * 10)
-    with pytest.raises(GeoError, match=r"corrupt/index\.faiss: corrupt"):
+    with pytest.raises(GeoError, match=r"corrupt/index\.faiss: corrupt or not a FAISS index"):
         GalleryIndex.load(corrupt)
     truncated = copy("truncated")
     data = (truncated / "index.faiss").read_bytes()
@@ -189,7 +189,11 @@ def test_load_errors(tmp_path: Path) -> None:
     short = copy("short")
     lines = (short / "metadata.csv").read_text().splitlines()
     (short / "metadata.csv").write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(GeoError, match=r"manifest\.json 400, index\.faiss 400, metadata\.csv 399"):
+    with pytest.raises(
+        GeoError,
+        match=r"files disagree on the number of tiles \(manifest\.json 400, index\.faiss 400, "
+        r"metadata\.csv 399",
+    ):
         GalleryIndex.load(short)
 
     wrong_dim = copy("wrongdim")
@@ -197,7 +201,7 @@ def test_load_errors(tmp_path: Path) -> None:
     (wrong_dim / "manifest.json").write_text(json.dumps({**manifest, "descriptor_dim": 8}))
     with pytest.raises(GeoError, match=r"has dim 16 but manifest\.json says 8"):
         GalleryIndex.load(wrong_dim)
-    with pytest.raises(GeoError, match=r"16-d descriptors .* makes 32-d"):
+    with pytest.raises(GeoError, match=r"16-d descriptors .* but the model in use makes 32-d"):
         GalleryIndex.load(folder, expect_dim=32)
     with pytest.raises(GeoError, match=r"built by /ckpt/one \(sha256 aaaaaaaaaaaa.*/ckpt/two has"):
         GalleryIndex.load(folder, expect_checkpoint_hash="b" * 64, checkpoint_name="/ckpt/two")
@@ -232,7 +236,9 @@ def test_checkpoint_hash(tmp_path: Path) -> None:
     expected = hashlib.sha256(b"weights" * 1000).hexdigest()
     assert checkpoint_hash(tmp_path / "ckpt") == expected
     assert checkpoint_hash(tmp_path / "ckpt" / "model.safetensors") == expected
-    with pytest.raises(CheckpointError, match=r"nothere/model\.safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"nothere/model\.safetensors: checkpoint weights not found"
+    ):
         checkpoint_hash(tmp_path / "nothere")
 
 
@@ -271,12 +277,16 @@ def test_cli_index_build_append_and_refuse(
     assert manifest["checkpoint_hash"] == hashlib.sha256(b"weights-one").hexdigest()
     assert manifest["index_params"]["M"] == 8 and manifest["model_config"]["size"] == [64, 64]
     assert cli_main(["index", str(a.root), *common]) == 2  # exists: refuses without --append
-    assert "--append" in capsys.readouterr().err
+    assert "a gallery exists; pass --append" in capsys.readouterr().err
     assert cli_main(["index", str(b.root), *common, "--append"]) == 0
     assert GalleryIndex.load(out).count == 40
     (ckpt / "model.safetensors").write_bytes(b"weights-two")
     assert cli_main(["index", str(b.root), *common, "--append"]) == 2
-    assert "built by" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "built by" in err
+        and "cannot be compared: use that checkpoint or rebuild the gallery" in err
+    )
 
 
 def test_search_params_trade_recall_for_speed(tmp_path: Path) -> None:

@@ -330,7 +330,7 @@ def test_cli_localize(
         inference, "load_model", lambda c, d, image_size=None: fake_load(c, d, dim=64)
     )
     assert cli_main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
-    assert "makes 64-d" in capsys.readouterr().err
+    assert "but the model in use makes 64-d" in capsys.readouterr().err
     (ckpt / "model.safetensors").write_bytes(b"weights-two")
     assert cli_main([*argv, "--out-dir", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
