@@ -280,7 +280,7 @@ def _thumbnail(path: Path) -> np.ndarray:
 def _gallery_files(root: Path) -> tuple[list[Path], list[str | None]]:
     """Image files under ``root`` (sorted) and their id: the sub-folder (``<id>/<file>``), or
     None for a file directly in ``root``."""
-    from imlnet.data.folders import IMAGE_EXTENSIONS, is_image_file, require_dir
+    from imlnet.data.layout import IMAGE_EXTENSIONS, is_image_file, require_dir
 
     require_dir(root, "--gallery must be a folder of satellite images, flat or <id>/<file>.")
     files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p.name))

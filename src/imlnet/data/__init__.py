@@ -8,7 +8,8 @@
 - :mod:`imlnet.data.synthetic`: the synthetic multi-domain benchmark generator.
 """
 
-from imlnet.data.folders import PairedViewDataset, ViewDataset, read_image
+from imlnet.data.folders import PairedViewDataset, ViewDataset
+from imlnet.data.images import read_image
 from imlnet.data.sues200 import SUES200Test, SUES200Train
 from imlnet.data.transforms import RandomWeather, build_transforms, denormalize
 from imlnet.data.university1652 import TEST_VIEWS, University1652Test, University1652Train

@@ -27,7 +27,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from imlnet.data.folders import PairedViewDataset, ViewDataset, check_policy
+from imlnet.data.folders import PairedViewDataset, ViewDataset
+from imlnet.data.images import check_policy
 from imlnet.data.seeding import derive_seed
 from imlnet.data.sues200 import SUES200Test, SUES200Train, check_altitude
 from imlnet.data.transforms import build_transforms

@@ -1,4 +1,4 @@
-"""What every folder dataset shares: listing and decoding images, and the two dataset shapes.
+"""The two dataset shapes every folder dataset shares (listing: layout.py; decoding: images.py).
 
 The benchmarks differ only in where their folders are (University-1652's ``train/drone/<id>``,
 SUES-200's ``Training/<alt>/drone/<id>`` or raw ``drone_view_512/<id>/<alt>``), so each dataset
@@ -15,195 +15,20 @@ left out. ``verify_images()`` decodes everything up front for a full check.
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+from imlnet.data.images import BadImagePolicy, BadImages
 from imlnet.data.seeding import derive_seed
 from imlnet.errors import DatasetLayoutError, ImageReadError
 
-#: File suffixes read as images (compared lower-case, so ``.JPG`` counts).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
-
-BadImagePolicy = Literal["raise", "skip"]
 Transform = Callable[[Tensor], Tensor]
-
-_SKIP_HINT = (
-    "Replace or delete the file, or pass on_bad_image='skip' (config: data.on_bad_image: skip) "
-    "to leave unreadable images out."
-)
-
-
-def is_image_file(name: str) -> bool:
-    """Whether ``name`` is an image the datasets read: a known suffix and not a hidden file.
-
-    Hidden files are ignored because archives made on macOS carry ``._<name>.jpg`` metadata
-    files that have an image suffix but are not images.
-    """
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name (the order ``ImageFolder`` uses)."""
-    with os.scandir(folder) as entries:
-        names = [e.name for e in entries if e.is_file() and is_image_file(e.name)]
-    return [folder / name for name in sorted(names)]
-
-
-def list_subfolders(folder: Path) -> list[str]:
-    """Names of the non-hidden sub-folders of ``folder``, sorted."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-def require_dir(path: Path, problem: str) -> Path:
-    """Return ``path`` if it is a folder, else raise :class:`DatasetLayoutError` with ``problem``.
-
-    ``problem`` is the rest of the message (what is expected there and how to get it); the
-    message starts by naming the missing path.
-    """
-    if not path.is_dir():
-        state = "is not a folder" if path.exists() else "does not exist"
-        raise DatasetLayoutError(f"{path} {state}. {problem}")
-    return path
-
-
-def list_class_images(dirs: Mapping[str, Path], what: str) -> dict[str, list[Path]]:
-    """The image files of each class folder; an empty class folder is a layout error.
-
-    Args:
-        dirs: class id -> folder.
-        what: what the folder holds, for the message (``"drone"``, ``"query_drone"``).
-
-    Raises:
-        DatasetLayoutError: naming the first folder with no image in it.
-    """
-    files = {}
-    for cid, folder in dirs.items():
-        images = list_images(folder)
-        if not images:
-            raise DatasetLayoutError(
-                f"class folder {folder} ({what}, building {cid}) has no images "
-                f"({'/'.join(sorted(IMAGE_EXTENSIONS))}). Add its images or remove the folder."
-            )
-        files[cid] = images
-    return files
-
-
-def pair_buildings(
-    drone_dirs: Mapping[str, Path],
-    satellite_dirs: Mapping[str, Path],
-    expected_drone: Callable[[str], Path],
-    expected_satellite: Callable[[str], Path],
-) -> list[str]:
-    """The sorted building ids of a training split, checking that both views have each one.
-
-    Raises:
-        DatasetLayoutError: a building with drone images but no satellite folder, or the
-            reverse (the message names the folder that exists and the one that is missing).
-    """
-    no_satellite = sorted(set(drone_dirs) - set(satellite_dirs))
-    if no_satellite:
-        bid, more = no_satellite[0], _and_more(len(no_satellite))
-        raise DatasetLayoutError(
-            f"training building {bid} has drone images ({drone_dirs[bid]}) but no satellite "
-            f"image folder ({expected_satellite(bid)}){more}. Training pairs each drone image "
-            "with its building's satellite image: add the satellite image or remove the drone "
-            "folder."
-        )
-    no_drone = sorted(set(satellite_dirs) - set(drone_dirs))
-    if no_drone:
-        bid, more = no_drone[0], _and_more(len(no_drone))
-        raise DatasetLayoutError(
-            f"training building {bid} has a satellite folder ({satellite_dirs[bid]}) but no drone "
-            f"folder ({expected_drone(bid)}){more}. Add its drone images or remove the satellite "
-            "folder."
-        )
-    if not drone_dirs:
-        raise DatasetLayoutError("the training split has no buildings (no class folders).")
-    return sorted(drone_dirs)
-
-
-def _and_more(n: int) -> str:
-    return f" (and {n - 1} more buildings like it)" if n > 1 else ""
-
-
-def read_image(path: str | os.PathLike[str]) -> Tensor:
-    """Decode an image file as RGB.
-
-    Returns:
-        ``(3, H, W)`` float32 in [0, 1].
-
-    Raises:
-        ImageReadError: naming the file, when it is missing, truncated or not an image.
-    """
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")  # forces the full decode, so truncation is caught here
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}. {_SKIP_HINT}") from err
-    array = np.array(rgb, dtype=np.uint8)  # (H, W, 3), a writable copy
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
-
-
-def check_policy(on_bad_image: str) -> BadImagePolicy:
-    """Validate ``on_bad_image``."""
-    if on_bad_image not in ("raise", "skip"):
-        raise ValueError(f"on_bad_image must be 'raise' or 'skip', got {on_bad_image!r}")
-    return on_bad_image  # type: ignore[return-value]
-
-
-class _BadImages:
-    """The per-dataset record of unreadable files (``skipped``) and the policy for them."""
-
-    def __init__(self, on_bad_image: str) -> None:
-        self.on_bad_image = check_policy(on_bad_image)
-        self.skipped: list[str] = []
-        self._bad: set[str] = set()
-
-    def is_bad(self, path: Path) -> bool:
-        return str(path) in self._bad
-
-    def mark(self, path: Path, err: Exception, *, warn: bool = True) -> None:
-        if str(path) in self._bad:
-            return
-        self._bad.add(str(path))
-        self.skipped.append(str(path))
-        if warn:
-            warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=3)
-
-    def read(self, path: Path) -> Tensor | None:
-        """The image, or None when it is unreadable and the policy is ``"skip"``."""
-        if self.is_bad(path):
-            return None
-        try:
-            return read_image(path)
-        except ImageReadError as err:
-            if self.on_bad_image == "raise":
-                raise
-            self.mark(path, err)
-            return None
-
-    def scan(self, paths: Sequence[Path], progress: bool, desc: str) -> list[str]:
-        """Decode every file; return the unreadable ones (recorded as skipped with ``skip``)."""
-        bad = []
-        for path in tqdm(paths, desc=desc, unit="image", disable=not progress):
-            try:
-                read_image(path)
-            except ImageReadError as err:
-                bad.append(str(path))
-                if self.on_bad_image == "skip":
-                    self.mark(path, err, warn=False)
-        return bad
 
 
 def _as_label(value: int) -> Tensor:
@@ -271,7 +96,7 @@ class PairedViewDataset(Dataset):
         self.sample_num = int(sample_num)
         self.seed = int(seed)
         self.epoch = 0
-        self._bad = _BadImages(on_bad_image)
+        self._bad = BadImages(on_bad_image)
 
     @property
     def on_bad_image(self) -> BadImagePolicy:
@@ -383,7 +208,7 @@ class ViewDataset(Dataset):
     ) -> None:
         self.view = view
         self.transform = transform
-        self._bad = _BadImages(on_bad_image)
+        self._bad = BadImages(on_bad_image)
         self.classes: list[str] = sorted(class_files)
         self.samples: list[tuple[Path, int]] = []
         for cid in self.classes:

@@ -30,16 +30,9 @@ from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 
-from imlnet.data.folders import (
-    BadImagePolicy,
-    PairedViewDataset,
-    Transform,
-    ViewDataset,
-    list_class_images,
-    list_subfolders,
-    pair_buildings,
-    require_dir,
-)
+from imlnet.data.folders import PairedViewDataset, Transform, ViewDataset
+from imlnet.data.images import BadImagePolicy
+from imlnet.data.layout import list_class_images, list_subfolders, pair_buildings, require_dir
 from imlnet.data.university1652 import TEST_VIEWS, TestView
 from imlnet.errors import DatasetLayoutError
 

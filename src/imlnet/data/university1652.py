@@ -23,16 +23,9 @@ from os import PathLike
 from pathlib import Path
 from typing import Literal
 
-from imlnet.data.folders import (
-    BadImagePolicy,
-    PairedViewDataset,
-    Transform,
-    ViewDataset,
-    list_class_images,
-    list_subfolders,
-    pair_buildings,
-    require_dir,
-)
+from imlnet.data.folders import PairedViewDataset, Transform, ViewDataset
+from imlnet.data.images import BadImagePolicy
+from imlnet.data.layout import list_class_images, list_subfolders, pair_buildings, require_dir
 from imlnet.errors import DatasetLayoutError
 
 TestView = Literal["query_drone", "gallery_satellite", "query_satellite", "gallery_drone"]
