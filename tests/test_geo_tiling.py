@@ -255,3 +255,6 @@ def test_plan_refuses_tiny_tiles_and_sub_pixel_strides() -> None:
         plan_tiles((W, H), (0.5, 0.5), tile_size_m=1000, stride_m=60)
     # the smallest tile and stride that are allowed
     assert plan_tiles((W, H), (0.5, 0.5), tile_size_m=4, stride_m=0.5).tile_px == (8, 8)
+    # a stride of "0.5 m" on UTM's 0.5002 m pixels is one pixel: allowed, each window once
+    near = plan_tiles((W, H), (0.5002, 0.5002), tile_size_m=4, stride_m=0.5)
+    assert len(set(near.cols)) == len(near.cols) == W - 8 + 1

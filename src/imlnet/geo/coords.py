@@ -7,6 +7,7 @@ Every conversion goes through pyproj with ``always_xy=True``, so that coordinate
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,17 @@ def crs_label(crs: CRS) -> str:
     return f"EPSG:{epsg}" if epsg is not None else crs.to_wkt()
 
 
+def crs_short(crs: CRS) -> str:
+    """A short text of ``crs`` for messages: its EPSG code, else its PROJ string (not WKT)."""
+    epsg = crs.to_epsg()
+    if epsg is not None:
+        return f"EPSG:{epsg}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyproj warns that PROJ strings may lose information
+        text = crs.to_proj4() or crs.name
+    return text.replace(" +type=crs", "")[:120]
+
+
 def metres_per_degree(lat: float, crs: CRS | None = None) -> tuple[float, float]:
     """Ground metres per degree of longitude and of latitude at latitude ``lat``.
 
@@ -70,7 +82,7 @@ def linear_unit_metres(crs: CRS) -> float:
     """
     factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else None
     if not factor or not math.isfinite(factor):
-        raise GeoError(f"CRS {crs_label(crs)[:80]} has no linear unit; reproject it to metres")
+        raise GeoError(f"CRS {crs_short(crs)} has no linear unit; reproject it to metres")
     return float(factor)
 
 
@@ -104,7 +116,7 @@ def ground_pixel_size(ds: Any) -> tuple[float, float]:
     if not (math.isfinite(lon) and math.isfinite(lat)):
         raise GeoError(
             f"{ds.name}: the raster's centre ({cx:.6g}, {cy:.6g}) has no latitude/longitude in "
-            f"its CRS ({crs_label(crs)[:80]}); cut the part of the raster that shows the Earth "
+            f"its CRS ({crs_short(crs)}); cut the part of the raster that shows the Earth "
             "(gdal_translate -projwin) or reproject it (gdalwarp)"
         )
     if crs.is_geographic:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from imlnet.cliargs import add_common
 from imlnet.errors import GeoError
-from imlnet.geo.coords import as_crs, crs_label, ground_pixel_size, locate_windows
+from imlnet.geo.coords import as_crs, crs_label, crs_short, ground_pixel_size, locate_windows
 from imlnet.geo.raster import (
     open_raster,
     read_window,
@@ -91,7 +91,7 @@ class TilePlan:
 def _offsets(size: int, window: int, stride: float, cover_edges: bool) -> tuple[int, ...]:
     """Window starts along one axis: every ``stride`` pixels, plus one flush with the far edge."""
     count = math.floor((size - window) / stride + 1e-9) + 1
-    starts = [round(i * stride) for i in range(count)]
+    starts = sorted({round(i * stride) for i in range(count)})  # a window once, even at ~1 px
     if cover_edges and starts[-1] + window < size:
         starts.append(size - window)
     return tuple(starts)
@@ -137,7 +137,7 @@ def plan_tiles(
             f"({gx:.3g} x {gy:.3g} m); a tile needs at least {MIN_TILE_PX} px a side: use "
             f"--tile-size-m between {smallest:.3g} and {largest:.3g}"
         )
-    if stride_m < max(gx, gy):
+    if stride_m < max(gx, gy) * (1 - 1e-3):  # (a stride of "0.5 m" on 0.5002 m pixels is fine)
         raise GeoError(
             f"{where}: a stride of {stride_m:g} m is under one pixel ({gx:.3g} x {gy:.3g} m); "
             f"it would cut the same window many times: use --stride-m between "
@@ -274,7 +274,7 @@ def tile_geotiff(
         if not places.ok.any():
             raise GeoError(
                 f"{src}: no tile has a latitude/longitude in the raster's CRS "
-                f"({crs_label(crs)[:80]}); reproject the raster (gdalwarp) first"
+                f"({crs_short(crs)}); reproject the raster (gdalwarp) first"
             )
         stretch = stretch_range(ds, band_ids, src)
         (tw, th), stem, crs_text = plan.tile_px, _safe_stem(src), crs_label(crs)
