@@ -304,7 +304,11 @@ def test_cli_localize(
     assert "3 queries with truth" in printed and "100% <= 25 m" in printed
     assert models[-1].domains == {"drone"} and models[0].domains == {"satellite"}
     assert sorted(p.name for p in out.iterdir()) == [
+        "candidates.csv",
+        "fixes.csv",
         "hits.csv",
+        "map.png",
+        "metrics.json",
         "results.csv",
         "results.geojson",
         "summary.json",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,9 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--nprobe", type=int, help="ivf gallery: lists searched (overrides)")
     ap.add_argument("--ef-search", type=int, help="hnsw gallery: search breadth (overrides)")
     gindex.add_model_args(ap)
+    from imlnet.geo import fixes_io  # verification, pose, flights, map (imports OpenCV)
+
+    fixes_io.add_args(ap)
     args = ap.parse_args(list(argv))
     if args.k < 1:
         raise GeoError(f"--k must be >= 1, got {args.k}")
@@ -307,6 +311,7 @@ def main(argv: Sequence[str]) -> int:
             "lat,lon (not lon,lat) and that the gallery covers the flight",
             file=sys.stderr,
         )
+    start = time.perf_counter()
     results = localize(
         gindex.model_encoder(model, "drone"),
         index,
@@ -326,6 +331,8 @@ def main(argv: Sequence[str]) -> int:
         unmatched = sum(r.error_m is None for r in results)
         if unmatched:
             print(f"note: {unmatched} query image(s) have no row in {args.truth}")
+    seconds = time.perf_counter() - start
     paths = write_outputs(results, args.out_dir)
+    paths.update(fixes_io.after_localize(args, results, paths, seconds=seconds))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
