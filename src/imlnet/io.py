@@ -117,7 +117,7 @@ def recover_staged_dir(path: str | os.PathLike[str], *, clean: bool = True) -> N
     leftovers of killed runs (staging folders, old copies) are removed as well; readers pass
     ``clean=False`` so that a writer's staging folder in progress is left alone.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # "." has no name and no sibling
     olds = _siblings(path, "old")
     if olds and not path.exists():
         with contextlib.suppress(FileNotFoundError, OSError):
@@ -140,7 +140,7 @@ def staged_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     first. The caller decides whether ``path`` may be replaced (it must hold only the
     command's own files: they are all replaced).
     """
-    path = Path(path)
+    path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_staged_dir(path)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
