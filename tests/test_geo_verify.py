@@ -207,3 +207,32 @@ def test_refined_run_writes_fixes_geojson_and_map(world: SimpleNamespace, tmp_pa
     assert metrics["verified"] == 1 and metrics["+ verification: camera"]["MA@5m"] == 1.0
     png = draw_map(fixes, [result], tmp_path / "map.png")
     assert Image.open(png).size[0] > 500
+
+
+def test_a_flight_looks_near_its_last_fix_when_retrieval_misses(
+    world: SimpleNamespace, tmp_path: Path
+) -> None:
+    from imlnet.geo.refine import refine
+
+    far = {**world.hit, "tile_id": "corner", "col_off": 0, "row_off": 0, "width": 40, "height": 40}
+    flight = tmp_path / "f01"
+    flight.mkdir()
+    results = []
+    for i, (pos, yaw) in enumerate((((-60.0, -20.0, 90.0), 0.0), ((-52.0, -8.0, 90.0), 6.0))):
+        image = render(world, R.Camera(pos, yaw, 65.0, 55.0))
+        frame = flight / f"frame-{i + 1:04d}.png"
+        image.rename(frame)
+        hit = world.hit if i == 0 else far  # retrieval finds the place for frame 1 only
+        lat, lon = hit["lat"], hit["lon"]
+        results.append(SimpleNamespace(image=str(frame), hits=[{**hit, "id": i}], lat=lat,
+                                       lon=lon, true_lat=None, true_lon=None, error_m=None,
+                                       top1_error_m=None))  # fmt: skip
+    gallery = [{**world.hit, "id": 0}, {**far, "id": 1}]
+    verifier = Verifier(VerifyConfig(fov_deg=55.0))
+    alone = refine(results, verifier=verifier, sequence=True)
+    assert [f.verified for f in alone] == [True, False]
+    assert [f.track.kind for f in alone] == ["fix", "fix"]  # type: ignore[union-attr]
+    guided = refine(results, verifier=verifier, sequence=True, gallery=gallery, prior_tiles=1)
+    assert [f.verified for f in guided] == [True, True]
+    assert guided[1].verification.tile_rank == 0  # type: ignore[union-attr]
+    assert guided[1].verification.note.endswith("near the flight's last fix")  # type: ignore[union-attr]

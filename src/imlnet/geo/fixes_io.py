@@ -230,13 +230,30 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--sequence", action="store_true", help="fuse each folder's frames into a track")
     g.add_argument("--step-m", type=float, default=TrackConfig.step_m, help="free motion per frame")
+    g.add_argument(
+        "--prior-tiles", type=int, default=2,
+        help="with --sequence: also verify this many tiles nearest the flight's last fix",
+    )  # fmt: skip
     g.add_argument("--no-map", action="store_true", help="do not draw map.png")
 
 
 def after_localize(
-    args: argparse.Namespace, results: Sequence[Any], paths: dict[str, Path], *, seconds: float
+    args: argparse.Namespace,
+    results: Sequence[Any],
+    paths: dict[str, Path],
+    *,
+    seconds: float,
+    gallery: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """The ``imlnet localize`` step after retrieval: verify, fuse, write, draw, print."""
+    """The ``imlnet localize`` step after retrieval: verify, fuse, write, draw, print.
+
+    Args:
+        args: the parsed command line (:func:`add_args` and localize's own options).
+        results: the retrieval results.
+        paths: the files localize wrote (its GeoJSON gains the new features).
+        seconds: the retrieval's wall time (embedding and search), for the latency.
+        gallery: the gallery's rows (``GalleryIndex.metadata``), for ``--prior-tiles``.
+    """
     if args.verify < 0:
         raise GeoError(f"--verify must be >= 0, got {args.verify}")
     verifier = None
@@ -259,6 +276,8 @@ def after_localize(
             sequence=args.sequence,
             track=TrackConfig(step_m=args.step_m),
             camera_truth=camera,
+            gallery=gallery,
+            prior_tiles=args.prior_tiles,
             progress=not args.quiet,
         )
     finally:

@@ -333,6 +333,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"note: {unmatched} query image(s) have no row in {args.truth}")
     seconds = time.perf_counter() - start
     paths = write_outputs(results, args.out_dir)
-    paths.update(fixes_io.after_localize(args, results, paths, seconds=seconds))
+    paths.update(
+        fixes_io.after_localize(args, results, paths, seconds=seconds, gallery=index.metadata)
+    )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -90,7 +90,9 @@ def _cell(row: Mapping[str, str | None], name: str) -> str:
 
 def read_attitude(path: str | Path) -> dict[str, Attitude]:
     """Read an attitude CSV: ``image,pitch_deg`` and optionally ``roll_deg, heading_deg,
-    altitude_m, fov_deg`` (empty cells: unknown; roll defaults to 0).
+    altitude_m, fov_deg`` (empty cells: unknown; roll defaults to 0). ``cam_height_m`` is read
+    as ``altitude_m`` when that column is absent, so the ``truth.csv`` of ``imlnet synth
+    --world`` serves as the attitude of a perfect IMU.
 
     Raises:
         GeoError: missing file or column, or a bad row; the message names the file and line.
@@ -113,6 +115,8 @@ def read_attitude(path: str | Path) -> dict[str, Attitude]:
         )
     out: dict[str, Attitude] = {}
     for line, row in enumerate(rows, start=2):
+        if "altitude_m" not in columns and "cam_height_m" in columns:
+            row["altitude_m"] = row["cam_height_m"]
         where = f"{path}, line {line}"
         if not _cell(row, "image"):
             raise GeoError(f"{where}: the image cell is empty")

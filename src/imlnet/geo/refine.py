@@ -10,10 +10,14 @@ track (:mod:`imlnet.geo.track`) whose hypotheses per frame are
 - each retrieved tile's centre, cost ``RETRIEVAL_COST + 0.5 * (rank - 1)``,
 
 so that a verified match outweighs retrieval, and retrieval still carries frames that
-verification could not match when it agrees with the motion.
+verification could not match when it agrees with the motion. In a flight, once a frame has
+verified, the next frames are also matched against the ``prior_tiles`` gallery tiles nearest
+to that fix (``rank`` 0 in ``candidates.csv``): a drone that knows where it was looks there
+first, whatever the retrieval says; this is what lets a weak retrieval model still track.
 
 Truth: the truth CSV's ``lat, lon`` are the aim point (``imlnet synth --world``); optional
-columns ``camera_lat, camera_lon`` (and ``camera_alt_m``) give the camera's position.
+columns ``cam_lat, cam_lon, cam_height_m`` (or ``camera_lat, camera_lon, camera_alt_m``) give
+the camera's position.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from imlnet.errors import GeoError
 from imlnet.geo.coords import geodesic_m
 from imlnet.geo.pose import Attitude
 from imlnet.geo.track import FrameFix, LatLonHypothesis, TrackConfig, track_latlon
-from imlnet.geo.verify import Verification, Verifier
+from imlnet.geo.verify import Tangent, Verification, Verifier
 
 #: Cost (nats) of a retrieved tile centre as a track hypothesis (a verified match costs < 0.7).
 RETRIEVAL_COST = 2.5
@@ -103,9 +107,16 @@ class PathMatcher:
         return self.names.get(Path(image).name)
 
 
+#: Camera truth columns ``(lat, lon, height)``: ``imlnet synth --world``'s, and a longer spelling.
+CAMERA_COLUMNS = (
+    ("cam_lat", "cam_lon", "cam_height_m"),
+    ("camera_lat", "camera_lon", "camera_alt_m"),
+)
+
+
 def read_camera_truth(path: str | Path) -> dict[str, tuple[float, float, float | None]]:
-    """``{image: (camera_lat, camera_lon, camera_alt_m or None)}`` from a truth CSV's optional
-    camera columns (empty when it has none).
+    """``{image: (lat, lon, height above ground or None)}`` of the camera, from a truth CSV's
+    optional camera columns (:data:`CAMERA_COLUMNS`; empty when it has none).
 
     Raises:
         GeoError: a camera cell is not a number or out of range (naming the line).
@@ -113,15 +124,16 @@ def read_camera_truth(path: str | Path) -> dict[str, tuple[float, float, float |
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        if "camera_lat" not in (reader.fieldnames or []):
+        names = next((c for c in CAMERA_COLUMNS if c[0] in (reader.fieldnames or [])), None)
+        if names is None:
             return {}
         out = {}
         for line, row in enumerate(reader, start=2):
-            if not (row.get("camera_lat") or "").strip():
+            if not (row.get(names[0]) or "").strip():
                 continue
             try:
-                lat, lon = float(row["camera_lat"]), float(row.get("camera_lon") or "nan")
-                alt_text = (row.get("camera_alt_m") or "").strip()
+                lat, lon = float(row[names[0]]), float(row.get(names[1]) or "nan")
+                alt_text = (row.get(names[2]) or "").strip()
                 alt = float(alt_text) if alt_text else None
             except ValueError as err:
                 raise GeoError(
@@ -146,6 +158,8 @@ def refine(
     sequence: bool = False,
     track: TrackConfig | None = None,
     camera_truth: Callable[[str], tuple[float, float, float | None] | None] | None = None,
+    gallery: Sequence[Mapping[str, Any]] | None = None,
+    prior_tiles: int = 2,
     progress: bool = False,
 ) -> list[Fix]:
     """Verify, fuse flights and measure (see the module docstring).
@@ -158,22 +172,39 @@ def refine(
         sequence: fuse each flight's frames into a track.
         track: the motion model.
         camera_truth: image -> the camera's true ``(lat, lon, alt)``, or None.
+        gallery: all gallery rows (``GalleryIndex.metadata``), for the tiles near a flight's
+            last fix; None: retrieval's tiles only.
+        prior_tiles: how many of those tiles (0: none).
         progress: show a progress bar.
     """
-    fixes = []
-    for r in tqdm(
-        results, desc="verifying", unit="query", disable=not progress or verifier is None
-    ):
-        ver = None
+    order = list(results)
+    if sequence:  # each flight in frame order, so that a fix can guide the next frames
+        order.sort(key=lambda r: (flight_of(r.image), r.image))
+    near = _Nearby(gallery) if sequence and gallery and prior_tiles > 0 else None
+    last: dict[str, tuple[float, float]] = {}
+    by_image: dict[str, Fix] = {}
+    for r in tqdm(order, desc="verifying", unit="query", disable=not progress or verifier is None):
+        ver, flight = None, flight_of(r.image)
         if verifier is not None:
             att = attitude(r.image) if attitude is not None else None
-            ver = verifier.verify(r.image, r.hits, (r.lat, r.lon), attitude=att)
+            extra = []
+            if near is not None and flight in last:
+                seen = {str(h.get("id")) for h in r.hits[: verifier.cfg.k]}
+                extra = [
+                    h for h in near(*last[flight], prior_tiles + len(seen)) if h["id"] not in seen
+                ]
+            ver = verifier.verify(
+                r.image, r.hits, (r.lat, r.lon), attitude=att, extra=extra[:prior_tiles]
+            )
+            if ver.verified:
+                last[flight] = (ver.lat, ver.lon)
         aim = (ver.lat, ver.lon) if ver is not None else (r.lat, r.lon)
         fix = Fix(r.image, flight_of(r.image), r.lat, r.lon, ver, *aim)
         fix.true_lat, fix.true_lon = r.true_lat, r.true_lon
         fix.retrieval_error_m, fix.top1_error_m = r.error_m, r.top1_error_m
         fix.true_camera = camera_truth(r.image) if camera_truth is not None else None
-        fixes.append(fix)
+        by_image[r.image] = fix
+    fixes = [by_image[r.image] for r in results]
     if sequence:
         for flight in dict.fromkeys(f.flight for f in fixes):
             members = sorted((f for f in fixes if f.flight == flight), key=lambda f: f.image)
@@ -187,6 +218,23 @@ def refine(
     for f in fixes:
         _measure(f)
     return fixes
+
+
+class _Nearby:
+    """The gallery tiles nearest to a point (centres in a flat frame at the gallery's mean)."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.rows = rows
+        lat = np.array([float(r["lat"]) for r in rows])
+        lon = np.array([float(r["lon"]) for r in rows])
+        self.frame = Tangent(float(lat.mean()), float(lon.mean()))
+        self.xy = np.c_[self.frame.to_xy(lat, lon)]
+
+    def __call__(self, lat: float, lon: float, n: int) -> list[dict[str, Any]]:
+        x, y = self.frame.to_xy(np.array(lat), np.array(lon))
+        dist = np.hypot(self.xy[:, 0] - x, self.xy[:, 1] - y)
+        idx = np.argsort(dist, kind="stable")[:n]
+        return [{**self.rows[i], "rank": 0, "id": str(i), "score": ""} for i in idx]
 
 
 def _results_of(members: Sequence[Fix], results: Sequence[Any]) -> list[Any]:

@@ -222,14 +222,16 @@ class Verifier:
         fallback: tuple[float, float],
         *,
         attitude: Attitude | None = None,
+        extra: Sequence[Mapping[str, Any]] = (),
     ) -> Verification:
-        """Verify the first ``k`` hits for one query image.
+        """Verify the first ``k`` hits for one query image (and ``extra`` tiles).
 
         Args:
             image: the drone image.
             hits: retrieved tiles, best first (gallery metadata rows with ``rank``).
             fallback: the retrieval estimate ``(lat, lon)``, kept when nothing verifies.
             attitude: the image's IMU attitude, if known (rectifies the view, prior on the pose).
+            extra: more tiles to try after the hits (a flight's tiles near its last fix).
 
         Raises:
             ImageReadError: the image cannot be read; GeoError: a tile's raster or window
@@ -252,7 +254,7 @@ class Verifier:
             query = self.features(grey)
         cands = [
             self._candidate(query, hit, K, rect, rect_gsd, attitude)
-            for hit in list(hits)[: self.cfg.k]
+            for hit in [*list(hits)[: self.cfg.k], *extra]
         ]
         result = _decide(str(image), cands, fallback, self.cfg)
         result.seconds = time.perf_counter() - start
@@ -344,7 +346,8 @@ def _decide(
         if geodesic_m(top.aim_lat, top.aim_lon, c.aim_lat, c.aim_lon) > cfg.agree_m:  # type: ignore[arg-type]
             alt = max(alt, c.inliers)
     confidence = top.inliers / (top.inliers + cfg.min_inliers) * (1.0 - alt / top.inliers)
-    note = f"verified: {top.inliers} inliers on retrieval rank {top.rank}"
+    where = f"retrieval rank {top.rank}" if top.rank else "a tile near the flight's last fix"
+    note = f"verified: {top.inliers} inliers on {where}"
     if alt:
         note += f"; another place has {alt}"
     return Verification(
