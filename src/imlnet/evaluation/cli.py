@@ -7,6 +7,7 @@ imlnet evaluate --features feats.npz
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from imlnet.cliargs import add_common, resolve_device
 from imlnet.errors import DatasetLayoutError, DeviceError
+from imlnet.evaluation.breakdown import FIELDS, parse_bins, parse_fields
+from imlnet.evaluation.corruption import CONDITIONS, parse_conditions
 from imlnet.evaluation.features import (
     evaluate_views,
     extract_features,
@@ -41,11 +44,15 @@ def _test_views(args: argparse.Namespace, transform: Any) -> dict[str, dict[str,
     return {"": {v: University1652Test(args.data, v, transform=transform) for v in VIEWS}}
 
 
-def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
+def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dict, dict, dict]:
+    """Features of every test view once, then the metrics, the breakdown and the weather
+    protocol of each setting. Returns results, sizes and the extra reports per setting."""
     loaded = load_model(args.checkpoint, device, image_size=args.image_size)
     results: dict[str, dict[str, float]] = {}
     sizes: dict[str, dict[str, int]] = {}
+    extra: dict[str, dict[str, Any]] = {}
     for setting, datasets in _test_views(args, loaded.transform).items():
+        start = time.perf_counter()
         views: dict[str, tuple[Tensor, Tensor]] = {}
         for view, dataset in datasets.items():
             loader = torch.utils.data.DataLoader(
@@ -62,14 +69,62 @@ def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dic
                 device=device,
                 progress=not args.quiet,
             )
+        features_s = time.perf_counter() - start
         if args.save_features is not None:
             target = args.save_features
             if setting:
                 target = target.with_name(f"{target.stem}_{setting}{target.suffix or '.npz'}")
             save_features(target, views, setting)
+        start = time.perf_counter()
         results.update(_run(views, args, device, setting))
+        timings = {"features_s": features_s, "metrics_s": time.perf_counter() - start}
         sizes[setting or "all"] = {v: len(views[v][1]) for v in views}
-    return results, sizes
+        report = _multi_domain(args, setting, datasets, views, loaded, device)
+        if report:
+            extra[setting or "all"] = {**report, "timings": {**timings, **report["timings"]}}
+    return results, sizes, extra
+
+
+def _multi_domain(
+    args: argparse.Namespace,
+    setting: str,
+    datasets: Mapping[str, Any],
+    views: Mapping[str, tuple[Tensor, Tensor]],
+    loaded: Any,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``--by`` and ``--corrupt`` for one setting: their reports (tables, JSON, PNG)."""
+    out: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    folder = args.report_dir / setting if setting else args.report_dir
+    if args.by:
+        from imlnet.evaluation.breakdown import breakdown_report, view_conditions
+
+        start = time.perf_counter()
+        altitude = int(setting.removesuffix("m")) if args.dataset == "sues200" else None
+        conditions = {
+            v: view_conditions(args.data, [p for p, _ in datasets[v].samples], altitude=altitude)
+            for v in ("query_drone", "gallery_drone")
+        }
+        out["breakdown"] = breakdown_report(
+            views, conditions, args.by, bins=args.bins, protocol=args.protocol, out=folder,
+            device=device,
+        )  # fmt: skip
+        timings["breakdown_s"] = time.perf_counter() - start
+    if args.corrupt:
+        from imlnet.evaluation.robustness import corruption_report
+
+        start = time.perf_counter()
+        out["corruption"] = corruption_report(
+            loaded.model, datasets, args.data, loaded.transform, clean=views,
+            conditions=args.corrupt, seed=args.corrupt_seed, protocol=args.protocol,
+            batch_size=args.batch_size, workers=args.workers, device=device, out=folder,
+            save_corrupted=args.save_corrupted, progress=not args.quiet,
+        )  # fmt: skip
+        timings["corruption_s"] = time.perf_counter() - start
+    if out:
+        out["timings"] = timings
+    return out
 
 
 def _run(views: Mapping, args: argparse.Namespace, device: torch.device, setting: str) -> dict:
@@ -108,6 +163,34 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--save-features", type=Path, help="also save the extracted features (.npz)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    multi = ap.add_argument_group("multi-domain evaluation (a model on a dataset)")
+    multi.add_argument(
+        "--by",
+        help=f"metrics per group of drone images, by any of {','.join(FIELDS)} (the synthetic "
+        "benchmark's metadata.json; SUES-200: altitude)",
+    )
+    multi.add_argument(
+        "--bins",
+        action="append",
+        metavar="FIELD=SPEC",
+        help="bins of a continuous --by field: a step (altitude=25) or edges "
+        "(pitch=35,40,45,50); repeatable. Defaults: altitude 25 m, pitch 5 deg",
+    )
+    multi.add_argument(
+        "--corrupt",
+        help="University-WX weather protocol on the drone images: wx (all ten) or a "
+        f"comma-separated subset of {','.join(CONDITIONS)}",
+    )
+    multi.add_argument("--corrupt-seed", type=int, default=0, help="seed of the corruptions")
+    multi.add_argument(
+        "--save-corrupted", type=Path, help="also write the corrupted drone images here (PNG)"
+    )
+    multi.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("runs/evaluate"),
+        help="where --by and --corrupt write their JSON and PNG (default: runs/evaluate)",
+    )
     return ap
 
 
@@ -118,9 +201,15 @@ def main(argv: Sequence[str]) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {args.device}: no CUDA device is available here; use cpu")
+    args.bins = parse_bins(args.bins)
+    args.by = parse_fields(args.by) if args.by else None
+    args.corrupt = parse_conditions(args.corrupt) if args.corrupt else None
+    extra: dict[str, Any] = {}
     if args.features is not None:
         if args.checkpoint is not None or args.data is not None:
             ap.error("give either --features or --checkpoint with --data, not both")
+        if args.by or args.corrupt:
+            ap.error("--by and --corrupt need the images: give --checkpoint and --data")
         results: dict[str, dict[str, float]] = {}
         sizes: dict[str, dict[str, int]] = {}
         for setting, views in load_features(args.features).items():
@@ -135,9 +224,16 @@ def main(argv: Sequence[str]) -> int:
     else:
         if args.checkpoint is None or args.data is None:
             ap.error("give --checkpoint and --data (or --features)")
-        results, sizes = _evaluate_model(args, device)
+        results, sizes, extra = _evaluate_model(args, device)
         source = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
     print(format_table(results))
+    for setting, report in extra.items():
+        for kind in ("breakdown", "corruption"):
+            if kind in report:
+                print(f"\n{kind} ({setting}):\n\n{report[kind]['table']}")
+                print("wrote " + ", ".join(report[kind]["files"]))
+        timing = ", ".join(f"{k} {v:.2f}" for k, v in report["timings"].items())
+        print(f"timings ({setting}): {timing}")
     if args.out is not None:
         write_json(
             args.out,
@@ -146,6 +242,16 @@ def main(argv: Sequence[str]) -> int:
                 "protocol": args.protocol,
                 "sizes": sizes,
                 "results": results,
+                **{
+                    kind: {
+                        setting: {k: v for k, v in rep[kind].items() if k not in ("table", "files")}
+                        for setting, rep in extra.items()
+                        if kind in rep
+                    }
+                    for kind in ("breakdown", "corruption")
+                    if any(kind in rep for rep in extra.values())
+                },
+                **({"timings": {k: r["timings"] for k, r in extra.items()}} if extra else {}),
                 **source,
             },
         )

@@ -79,8 +79,8 @@ def evaluate_retrieval(
         protocol: ``"official"`` (default) or ``"sample4geo"`` (gallery labels absent from the
             queries become junk too).
         chunk_size: queries per matrix product; by default chosen for speed, with at most
-            :data:`~imlnet.evaluation.ranking.CHUNK_ELEMENTS` scores held at once (128 MiB in float32). Results do not
-            depend on it.
+            :data:`~imlnet.evaluation.ranking.CHUNK_ELEMENTS` scores held at once (128 MiB in
+            float32). Results do not depend on it.
         device: where to compute; default: the device of ``query_features`` if it is a tensor,
             else the CPU. Scores are computed in the inputs' floating dtype (float16/bfloat16
             and integer features are promoted to float32, as the official ``FloatTensor``), and
