@@ -1,95 +1,172 @@
-"""Synthetic benchmark generator speed: rendered drone views per second, whole pipeline.
+"""Synthetic benchmark generator speed: the whole ``imlnet synth`` pipeline, wall clock.
 
-Runs ``imlnet.data.synthetic.generate`` (scene generation, shadows, satellite and drone rendering,
-weather, JPEG encoding and writing) into a temporary folder and reports views per second, where
-"views" counts every rendered drone view (satellite images are extra). Also reports the render
-time of one drone view alone. Prints a Markdown table and writes bench/results/synth_speed.json.
+Runs :func:`imlnet.data.synthetic.generate.generate` (cities, lighting, satellite and drone
+rendering, weather, JPEG encoding, writing) into a temporary folder and reports seconds and
+locations per second, with the load average of the machine before and after (the machine may be
+shared: a load above the number of cores slows every row). With ``--compare-ref REV`` it also
+times the generator of git revision REV on the same machine right after, one process, on
+``--compare-locations`` locations, and gives the per-location ratio (old / new, one process each)
+so a shared machine still yields a fair comparison. Prints a Markdown table and writes
+bench/results/synth_speed.json.
 
-    python bench/synth_speed.py --sizes 256 128 --locations 2 --views 54
+    python bench/synth_speed.py --locations 1000 --views 8 --size 64 --compare-ref 6de464b
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
+import resource
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from imlnet.data.synthetic import render as R
-from imlnet.data.synthetic.generate import SynthConfig, generate, orbit
-from imlnet.data.synthetic.scene import CityGenerator
+from imlnet.data.synthetic.generate import SynthConfig, default_workers, generate
 from imlnet.io import write_json
 
+REPO = Path(__file__).resolve().parents[1]
+OLD_RUN = """
+import sys, time, torch
+torch.set_num_threads(1)
+from imlnet.data.synthetic.generate import SynthConfig, generate
+cfg = SynthConfig(locations=int(sys.argv[1]), views=int(sys.argv[2]), size=int(sys.argv[3]),
+                  distractors=0)
+t = time.perf_counter()
+generate(cfg, sys.argv[4], progress=False)
+print(time.perf_counter() - t)
+"""
 
-def time_render_only(size: int, device: str, repeats: int = 10) -> float:
-    """Median seconds to ray-cast one drone view (scene and shading cached)."""
-    cfg = SynthConfig(size=size, views=repeats)
-    scene = CityGenerator(cfg.scene, device)(torch.Generator().manual_seed(0))
-    sun = R.sun_vector(150.0, R.SUN_ELEVATION["summer"])
-    top = R.shaded_top(scene, "summer", sun)
-    cams = orbit(cfg, scene, torch.Generator().manual_seed(1))
-    R.render_drone(scene, top, cams[0], size, sun)  # warm-up
-    times = []
-    for cam in cams:
-        t = time.perf_counter()
-        R.render_drone(scene, top, cam, size, sun)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) used so far by this process and its reaped children."""
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_new(cfg: SynthConfig, workers: int) -> dict:
+    """Time one generation with ``workers`` processes (0: in this process, one thread)."""
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)
+    load0 = _load()
+    with tempfile.TemporaryDirectory() as tmp:
+        t, cpu = time.perf_counter(), _cpu()
+        generate(cfg, Path(tmp) / "synth", progress=False, workers=workers)
+        seconds, cpu = time.perf_counter() - t, _cpu() - cpu
+    torch.set_num_threads(threads)
+    n = cfg.locations + cfg.n_distractors
+    return {
+        "generator": "new",
+        "workers": workers,
+        "locations": n,
+        "train": cfg.n_train,
+        "seconds": round(seconds, 1),
+        "s_per_location": round(seconds / n, 4),
+        "cpu_s": round(cpu, 1),
+        "cpu_s_per_location": round(cpu / n, 4),
+        "load_before": load0,
+        "load_after": _load(),
+    }
+
+
+def run_old(ref: str, locations: int, views: int, size: int) -> dict:
+    """Time the generator of git revision ``ref`` (one process) in a subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "src.tar"
+        subprocess.run(
+            ["git", "-C", str(REPO), "archive", "-o", str(archive), ref, "src"], check=True
+        )
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        env = {**os.environ, "PYTHONPATH": str(Path(tmp) / "src")}
+        load0, cpu = _load(), _cpu()
+        args = [str(locations), str(views), str(size), str(Path(tmp) / "out")]
+        out = subprocess.run(
+            [sys.executable, "-c", OLD_RUN, *args],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        seconds = float(out.stdout.strip().splitlines()[-1])
+        cpu = _cpu() - cpu  # includes the old generator's imports (a second or two)
+    return {
+        "generator": f"old ({ref})",
+        "workers": 0,
+        "locations": locations,
+        "seconds": round(seconds, 1),
+        "s_per_location": round(seconds / locations, 4),
+        "cpu_s": round(cpu, 1),
+        "cpu_s_per_location": round(cpu / locations, 4),
+        "load_before": load0,
+        "load_after": _load(),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 128])
-    ap.add_argument("--locations", type=int, default=2)
-    ap.add_argument("--views", type=int, default=54)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--locations", type=int, default=1000, help="train + test locations")
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None, help="default: one per core")
+    ap.add_argument("--single", type=int, default=0, help="also time N locations in 1 process")
+    ap.add_argument("--compare-ref", default=None, help="git revision of the old generator")
+    ap.add_argument("--compare-locations", type=int, default=40)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "synth_speed.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = []
-    for size in args.sizes:
-        cfg = SynthConfig(locations=args.locations, views=args.views, size=size, distractors=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            generate(cfg, Path(tmp) / "synth", device=args.device, progress=False)
-            total = time.perf_counter() - t
-        views = cfg.locations * cfg.views
-        render = time_render_only(size, args.device)
-        rows.append(
-            {
-                "size": size,
-                "locations": cfg.locations,
-                "views": views,
-                "seconds": round(total, 2),
-                "views_per_s": round(views / total, 2),
-                "render_ms_per_view": round(1000 * render, 1),
-            }
-        )
+    cfg = SynthConfig(locations=args.locations, views=args.views, size=args.size)
+    workers = default_workers(cfg, "cpu") if args.workers is None else args.workers
+    rows = [run_new(cfg, workers)]
+    if args.single:
+        small = SynthConfig(locations=args.single, views=args.views, size=args.size, distractors=0)
+        rows.append(run_new(small, 0))
+    if args.compare_ref:
+        rows.append(run_old(args.compare_ref, args.compare_locations, args.views, args.size))
     machine = {
-        "device": args.device
-        if args.device != "cpu"
-        else f"cpu ({platform.processor() or 'x86_64'})",
-        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,
     }
-    print(f"device: {machine['device']}, torch threads: {machine['threads']}")
-    print("| size | locations x views | total s | views/s (pipeline) | render ms/view |")
-    print("|---:|---:|---:|---:|---:|")
+    print(
+        f"machine: {machine}; {args.views} views + 1 satellite image per location, {args.size} px"
+    )
+    print(
+        "| generator | processes | locations (train) | wall s | s/location | CPU s/location "
+        "| load (1 min) before -> after |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
-            f"| {r['size']} | {r['locations']} x {args.views} | {r['seconds']} | "
-            f"{r['views_per_s']} | {r['render_ms_per_view']} |"
+            f"| {r['generator']} | {max(1, r['workers'])} | {r['locations']} "
+            f"({r.get('train', '-')}) | {r['seconds']} | {r['s_per_location']} | "
+            f"{r['cpu_s_per_location']} | {r['load_before'][0]} -> {r['load_after'][0]} |"
         )
+    cores = machine["cores"]
+    first = rows[0]
+    print(
+        f"CPU time of the first row spread over {cores} otherwise idle cores: "
+        f"{first['cpu_s'] / cores:.0f} s (the wall time a quiet machine would need)"
+    )
+    single = [r for r in rows if r["generator"] == "new" and r["workers"] == 0]
+    old = [r for r in rows if r["generator"] != "new"]
+    if single and old:
+        ratio = old[0]["s_per_location"] / single[0]["s_per_location"]
+        cpu_ratio = old[0]["cpu_s_per_location"] / single[0]["cpu_s_per_location"]
+        print(f"per-location speed-up, one process each: {ratio:.1f}x wall, {cpu_ratio:.1f}x CPU")
     write_json(args.out, {"machine": machine, "rows": rows})
-    assert all(math.isfinite(r["views_per_s"]) for r in rows)
 
 
 if __name__ == "__main__":

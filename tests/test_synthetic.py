@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -14,8 +15,8 @@ from PIL import Image
 from imlnet.cli import main as cli_main
 from imlnet.data.synthetic import generate as G
 from imlnet.data.synthetic import render as R
-from imlnet.data.synthetic.common import random_stream
-from imlnet.data.synthetic.scene import GRASS, ROOF, CityGenerator, Scene, SceneConfig
+from imlnet.data.synthetic import targets as T
+from imlnet.data.synthetic.scene import GRASS, ROOF, Scene, SceneConfig
 from imlnet.data.synthetic.weather import WEATHERS, apply_weather
 from imlnet.errors import ImlnetError
 from imlnet.geo.coords import GEOD
@@ -107,34 +108,62 @@ def test_target_building_is_where_the_metadata_says(tiny_dataset: Path) -> None:
     meta = json.loads((tiny_dataset / "metadata.json").read_text())
     cfg = tiny_config()
     for bid, loc in meta["locations"].items():
-        # The metadata footprint is the building's cells in the regenerated scene.
-        scene = CityGenerator(cfg.scene)(random_stream(cfg.seed, loc["index"], 0))
+        # The metadata footprint is the building's cells in the regenerated city.
+        scene = T.make_city(cfg, loc["city"]["index"]).scene
+        cx, cy = loc["city"]["target_centre_m"]
         mask = scene.building == loc["target"]["building_id"]
         rows, cols = mask.nonzero().unbind(1)
         res, half = scene.resolution_m, scene.half
         x0, x1, y0, y1 = loc["target"]["footprint_m"]
-        assert (cols.min() + 0.5) * res - half == pytest.approx(x0, abs=res)
-        assert half - (rows.min() + 0.5) * res == pytest.approx(y1, abs=res)
-        assert (cols.max() + 0.5) * res - half == pytest.approx(x1, abs=res)
-        assert half - (rows.max() + 0.5) * res == pytest.approx(y0, abs=res)
+        assert (cols.min() + 0.5) * res - half - cx == pytest.approx(x0, abs=res)
+        assert half - (rows.min() + 0.5) * res - cy == pytest.approx(y1, abs=res)
+        assert (cols.max() + 0.5) * res - half - cx == pytest.approx(x1, abs=res)
+        assert half - (rows.max() + 0.5) * res - cy == pytest.approx(y0, abs=res)
         # In the satellite image, the roof colour fills the building's recorded pixel box.
         folder = "train/satellite" if loc["split"] == "train" else "test/gallery_satellite"
         img = np.asarray(Image.open(tiny_dataset / folder / bid / f"{bid}.jpg"), np.float32) / 255
         left, top, right, bottom = loc["target"]["satellite_bbox_px"]
         gsd = loc["satellite"]["gsd_m"]
         ys, xs = np.mgrid[0:64, 0:64] + 0.5
-        px_x, px_y = (xs - 32) * gsd, (32 - ys) * gsd  # pixel centres in metres
+        px_x, px_y = cx + (xs - 32) * gsd, cy + (32 - ys) * gsd  # pixel centres in metres
+        n = scene.shape[0]
         on_roof = np.zeros((64, 64), bool)
         for r in range(64):
             for c in range(64):
-                i = int((half - px_y[r, c]) / res)
-                j = int((px_x[r, c] + half) / res)
+                i = math.floor((half - px_y[r, c]) / res) % n
+                j = math.floor((px_x[r, c] + half) / res) % n
                 on_roof[r, c] = bool(mask[i, j]) and scene.kind[i, j] == ROOF
         tol = res / gsd  # a roof cell reaches half a cell past the footprint box on each side
         inside = (xs > left - tol) & (xs < right + tol) & (ys > top - tol) & (ys < bottom + tol)
         assert on_roof.sum() > 4 and (on_roof <= inside).all()
         roof = np.median(img[on_roof], axis=0)
         assert np.abs(roof - np.array(loc["target"]["roof_rgb"])).max() < 0.1, (bid, roof)
+
+
+def test_train_and_test_come_from_different_cities(tiny_dataset: Path) -> None:
+    meta = json.loads((tiny_dataset / "metadata.json").read_text())
+    cities: dict[str, set[int]] = {}
+    for loc in meta["locations"].values():
+        cities.setdefault(loc["split"], set()).add(loc["city"]["index"])
+    assert cities["train"].isdisjoint(cities["test"] | cities["distractor"])
+    # several targets share a city, each on its own slot and in its own place
+    slots = [(v["city"]["index"], v["city"]["slot"]) for v in meta["locations"].values()]
+    assert len(set(slots)) == len(slots) and len({c for c, _ in slots}) < len(slots)
+    assert meta["counts"]["cities"] == 2
+
+
+def test_workers_give_the_same_bytes_and_a_rerun_is_a_no_op(
+    tiny_dataset: Path, tmp_path: Path
+) -> None:
+    again = G.generate(tiny_config(), tmp_path / "w2", progress=False, workers=2)
+    assert _files(again) == _files(tiny_dataset)
+    stamp = (again / "metadata.json").stat().st_mtime_ns
+    assert G.up_to_date(tiny_config(), again) and not G.up_to_date(tiny_config(seed=8), again)
+    assert G.generate(tiny_config(), again, progress=False) == again  # no --overwrite needed
+    assert (again / "metadata.json").stat().st_mtime_ns == stamp
+    assert cli_main(["synth", str(again), "--quiet", "--locations", "4"]) == 2  # other options
+    next((again / "train/drone").rglob("*.jpeg")).unlink()
+    assert not G.up_to_date(tiny_config(), again)  # incomplete: regenerated
 
 
 def _flat_scene(extent: float = 100.0, res: float = 0.5) -> Scene:
@@ -151,7 +180,7 @@ def _flat_scene(extent: float = 100.0, res: float = 0.5) -> Scene:
         window_m=torch.full((2,), 3.0),
         resolution_m=res,
         extent_m=extent,
-        target={},
+        targets=[],
     )
 
 
@@ -228,14 +257,14 @@ def test_failed_run_leaves_nothing_and_existing_output_untouched(
         G.generate(tiny_config(), out, progress=False)
     calls = []
 
-    def boom(cfg, index, device="cpu"):
-        calls.append(index)
+    def boom(job):
+        calls.append(job)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return real(cfg, index, device)
+        return real(job)
 
-    real = G.render_location
-    monkeypatch.setattr(G, "render_location", boom)
+    real = G._render_job
+    monkeypatch.setattr(G, "_render_job", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         G.generate(tiny_config(), out, progress=False, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -327,35 +356,75 @@ def test_world_mode_is_georeferenced(tmp_path: Path) -> None:
     import rasterio
     from pyproj import Transformer
 
-    from imlnet.data.synthetic.world import WorldConfig, generate_world
+    from imlnet.data.synthetic.flights import FlightConfig
+    from imlnet.data.synthetic.world import TRUTH_COLUMNS, WorldConfig, generate_world
 
-    cfg = WorldConfig(extent_m=600.0, gsd_m=1.0, views=3, size=64, seed=1)
+    flight = FlightConfig(length_m=(120.0, 150.0), frame_interval_s=4.0)
+    cfg = WorldConfig(extent_m=600.0, gsd_m=1.0, views=3, flights=2, size=48, seed=1, flight=flight)
     root = generate_world(cfg, tmp_path / "world", progress=False)
     meta = json.loads((root / "metadata.json").read_text())
+    with open(root / "truth.csv") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == TRUTH_COLUMNS
+        truth = list(reader)
+    frames = [fr for fl in meta["flights"] for fr in fl["frames"]]
+    assert [t["image"] for t in truth] == [v["file"] for v in meta["views"] + frames]
     with rasterio.open(root / "world.tif") as src:
         assert src.crs.to_epsg() == int(meta["crs"].split(":")[1])
         assert (src.width, src.height, src.count) == (600, 600, 3)
         assert src.res == (1.0, 1.0)
         to_wgs = Transformer.from_crs(src.crs, "EPSG:4326", always_xy=True)
-        with open(root / "truth.csv") as f:
-            truth = list(csv.DictReader(f))
-        assert [t["image"] for t in truth] == [v["file"] for v in meta["views"]]
-        for t, view in zip(truth, meta["views"], strict=True):
+        for t in truth:
             assert (root / t["image"]).is_file()
-            # The aim point's orthophoto pixel maps back to the recorded lat/lon (< 1 m).
-            row, col = src.index(*view["aim_utm"])
-            x, y = src.xy(row, col)
-            lon, lat = to_wgs.transform(x, y)
-            north = (lat - float(t["lat"])) * 111_320
-            east = (lon - float(t["lon"])) * 111_320 * math.cos(math.radians(lat))
-            assert math.hypot(north, east) < 1.0
-            # The camera stands back from the aim point along its heading, at its altitude.
-            de = view["aim_utm"][0] - view["camera_utm"][0]
-            dn = view["aim_utm"][1] - view["camera_utm"][1]
+            assert Image.open(root / t["image"]).size == (48, 48)
+            num = {
+                k: float(v) for k, v in t.items() if k not in ("image", "flight", "frame", "t_s")
+            }
+            assert (num["lat"], num["lon"]) == (num["aim_lat"], num["aim_lon"])
+            # Both truths' UTM coordinates map to their recorded lat/lon (< 1 m), and the aim
+            # point is inside the orthophoto.
+            for who in ("aim", "cam"):
+                e, n = num[f"{who}_easting"], num[f"{who}_northing"]
+                lon, lat = to_wgs.transform(e, n)
+                assert GEOD.inv(lon, lat, num[f"{who}_lon"], num[f"{who}_lat"])[2] < 1.0
+            row, col = src.index(num["aim_easting"], num["aim_northing"])
+            assert 0 <= row < 600 and 0 <= col < 600
+            # The camera stands back from the aim point along its heading, at its height.
+            de = num["aim_easting"] - num["cam_easting"]
+            dn = num["aim_northing"] - num["cam_northing"]
             assert math.degrees(math.atan2(de, dn)) % 360 == pytest.approx(
-                view["yaw_deg"], abs=0.01
+                num["heading_deg"], abs=0.01
             )
-            assert view["altitude_m"] / math.hypot(de, dn) == pytest.approx(
-                math.tan(math.radians(view["pitch_deg"])), rel=1e-3
+            assert num["cam_height_m"] / math.hypot(de, dn) == pytest.approx(
+                math.tan(math.radians(num["pitch_deg"])), rel=1e-3
             )
+            # The rebuilt camera projects the aim point to the image centre.
+            cam = R.Camera(
+                (0.0, 0.0, num["cam_height_m"]),
+                num["heading_deg"],
+                num["pitch_deg"],
+                num["fov_deg"],
+                num["roll_deg"],
+            )
+            u, v = cam.project(torch.tensor([[de, dn, 0.0]]), 48)[0].tolist()
+            assert math.hypot(u - 24, v - 24) < 1e-3
+    singles = [t for t in truth if not t["flight"]]
+    assert len(singles) == 3 and all(not t["frame"] and not t["t_s"] for t in singles)
+    for fl in ("1", "2"):
+        rows = [t for t in truth if t["flight"] == fl]
+        assert [int(t["frame"]) for t in rows] == list(range(1, len(rows) + 1))
+        times = [float(t["t_s"]) for t in rows]
+        assert (
+            len(rows) >= 3
+            and times[0] == 0
+            and all(b - a == pytest.approx(4.0) for a, b in itertools.pairwise(times))
+        )
+        cams = [(float(t["cam_easting"]), float(t["cam_northing"])) for t in rows]
+        steps = [math.dist(a, b) for a, b in itertools.pairwise(cams)]
+        assert all(4.0 * 6 - 0.5 <= s <= 4.0 * 12 + 0.5 for s in steps)  # speed 6-12 m/s
+        heights = [float(t["cam_height_m"]) for t in rows]
+        assert all(abs(b - a) < 25 for a, b in itertools.pairwise(heights))  # smooth
+        assert all(abs(float(t["roll_deg"])) < 5 for t in rows)
+        info = meta["flights"][int(fl) - 1]
+        assert info["season"] in R.SEASONS and info["weather"] in WEATHERS  # held per flight
     assert oct(root.stat().st_mode & 0o777) != oct(0o700)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -12,8 +13,9 @@ from PIL import Image, ImageDraw
 from imlnet.cliargs import add_common, resolve_device
 from imlnet.data.synthetic import generate as G
 from imlnet.data.synthetic import render as R
-from imlnet.data.synthetic.common import DEFAULT_SEASONS, DEFAULT_WEATHER, random_stream
-from imlnet.data.synthetic.scene import CityGenerator
+from imlnet.data.synthetic import targets as T
+from imlnet.data.synthetic.common import DEFAULT_SEASONS, DEFAULT_WEATHER, recover_staging
+from imlnet.data.synthetic.scene import SceneConfig
 from imlnet.data.synthetic.weather import WEATHERS, apply_weather
 from imlnet.io import atomic_path
 
@@ -39,14 +41,16 @@ def make_montage(
     Five tiles per row, each captioned with its season, weather, altitude and pitch.
     """
     cfg = G.SynthConfig(views=len(conditions), size=size, seed=seed)
-    scene = CityGenerator(cfg.scene)(random_stream(seed, 0, 0))
-    light = R.SeasonLight(scene, 150.0)
-    sat = R.render_satellite(scene, light.top("summer"), size, cfg.satellite_extent_m)
-    tiles = [(sat, "satellite (nadir, summer)")]
-    cams = G.orbit(cfg, scene, random_stream(seed, 0, 1))
+    city = T.make_city(cfg, 0)
+    target, light = city.scene.targets[0], city.light
+    tiles = [(T.satellite_image(cfg, city, target), "satellite (nadir, summer)")]
+    cams = G.orbit(cfg, target, T.view_stream(seed, 0, 0))
+    cx, cy = target["centre_m"]
     for i, (cam, (season, weather)) in enumerate(zip(cams, conditions, strict=True)):
+        x, y, z = cam.position
+        cam = R.Camera((x + cx, y + cy, z), cam.yaw_deg, cam.pitch_deg, cam.fov_deg)
         img, depth = R.render_drone(
-            scene, light.top(season), cam, size, light.sun(season), night=weather == "night"
+            city.scene, light.top(season), cam, size, light.sun(season), night=weather == "night"
         )
         img = apply_weather(img, weather, generator=torch.Generator().manual_seed(i), depth=depth)
         text = f"{season}, {weather}, {cam.position[2]:.0f} m, {cam.pitch_deg:.0f} deg"
@@ -121,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="every view in clear summer weather (the single-domain setting)",
     )
     ap.add_argument("--no-jitter", action="store_true", help="exact orbit, no random offsets")
+    ap.add_argument(
+        "--city-size-m",
+        type=float,
+        default=SceneConfig.extent_m,
+        help=f"side of each generated city; its targets lie about "
+        f"{SceneConfig.target_spacing_m:.0f} m apart (default {SceneConfig.extent_m:.0f})",
+    )
     world = ap.add_argument_group("world mode (one georeferenced map + drone views over it)")
     world.add_argument(
         "--world",
@@ -129,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     world.add_argument("--world-size-m", type=float, default=2000.0, help="side of the map")
     world.add_argument("--gsd", type=float, default=0.5, help="metres per orthophoto pixel")
+    world.add_argument(
+        "--flights",
+        type=int,
+        default=0,
+        help="also fly N drones along smooth trajectories (frames every 3 s, per-frame truth)",
+    )
     ap.add_argument(
         "--montage",
         action="store_true",
@@ -160,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             extent_m=args.world_size_m,
             gsd_m=args.gsd,
             views=args.views,
+            flights=args.flights,
             size=args.image_size,
             seed=args.seed,
             seasons=seasons,
@@ -170,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(
             f"wrote {out}: world.tif ({args.world_size_m:.0f} m square at {args.gsd} m/px), "
-            f"{args.views} drone views in drone/, truth.csv, metadata.json"
+            f"{args.views} drone views in drone/, {args.flights} flights in flights/, "
+            "truth.csv, metadata.json"
         )
         return 0
     cfg = G.SynthConfig(
@@ -183,13 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         jitter=not args.no_jitter,
         seasons=seasons,
         weather=weather,
+        scene=SceneConfig(extent_m=args.city_size_m),
     )
+    recover_staging(Path(args.out))  # what a killed run left beside OUT
+    if G.up_to_date(cfg, args.out):
+        print(f"{args.out} is already complete for these options: nothing to do")
+        return 0
     out = G.generate(
         cfg,
         args.out,
         device=device,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        workers=args.workers,
     )
     n_img = (cfg.locations + cfg.n_distractors) * (cfg.views + 1)
     print(

@@ -18,9 +18,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from imlnet.data.synthetic import render as R
-from imlnet.data.synthetic.scene import Scene
-from imlnet.data.synthetic.weather import apply_weather
 from imlnet.errors import ImlnetError
 
 DEFAULT_WEATHER = {
@@ -66,25 +63,6 @@ def encode_jpeg(img: torch.Tensor, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
-
-
-def drone_view(
-    scene: Scene,
-    light: R.SeasonLight,
-    cam: R.Camera,
-    size: int,
-    seasons: dict[str, float],
-    weather: dict[str, float],
-    jpeg_quality: int,
-    gen: torch.Generator,
-) -> tuple[bytes, str, str]:
-    """One drone photo from ``cam`` in a drawn season and weather: (JPEG, season, weather)."""
-    season, sky = draw_conditions(seasons, weather, gen)
-    img, depth = R.render_drone(
-        scene, light.top(season), cam, size, light.sun(season), night=sky == "night", gen=gen
-    )
-    img = apply_weather(img, sky, generator=gen, depth=depth)
-    return encode_jpeg(img, jpeg_quality), season, sky
 
 
 def _pid_alive(pid: int) -> bool:
