@@ -18,7 +18,8 @@ from pyproj import Transformer
 from rasterio.transform import Affine
 
 from imlnet.data.synthetic import render as R
-from imlnet.data.synthetic.scene import CityGenerator, SceneConfig
+from imlnet.data.synthetic.city import CityGenerator
+from imlnet.data.synthetic.scene import SceneConfig
 from imlnet.errors import GeoError
 from imlnet.geo.coords import geodesic_m
 from imlnet.geo.pose import Attitude, angles, intrinsics, read_attitude, rotation, solve_pose

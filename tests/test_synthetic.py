@@ -96,6 +96,9 @@ def test_recorded_pose_projects_target_to_image_centre(tmp_path: Path) -> None:
                 u, v = cam.project(aim, 64)[0].tolist()
                 assert math.hypot(u - 32, v - 32) <= tol, (jitter, view)
                 assert view["altitude_m"] == view["camera_enu_m"][2]
+                # the camera looks back at the target from the orbit's azimuth (+- yaw jitter)
+                off = (view["yaw_deg"] - view["azimuth_deg"] - 180.0 + 180.0) % 360.0 - 180.0
+                assert abs(off) <= (4.0 if jitter else 1e-3)
                 # lat/lon through pyproj: the geodesic distance and azimuth from the target
                 lon, lat = view["camera_lon"], view["camera_lat"]
                 az, _, dist = GEOD.inv(loc["lon"], loc["lat"], lon, lat)

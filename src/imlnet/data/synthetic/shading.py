@@ -128,15 +128,21 @@ def shaded_top(scene: Scene, season: str, sun: torch.Tensor) -> torch.Tensor:
     """Lit top-surface colour ``(3, H, W)``: albedo x (ambient + diffuse x sunlit)."""
     rgb = albedo(scene, season)
     sun = sun.to(scene.device)
-    lit = 1.0 - 0.62 * shadow_map(scene, sun)
-    # Tree crowns are rounded: light them by their height-field normal.
-    gy, gx = torch.gradient(scene.height, spacing=scene.resolution_m)
+    lit = (1.0 - 0.62 * shadow_map(scene, sun)).reshape(-1)
+    light = 0.38 + (0.72 * float(sun[2])) * lit  # flat surfaces
+    # Tree crowns are rounded: light them by their height-field normal (central differences
+    # on the periodic grid, at tree cells only).
+    n, m = scene.shape
+    h = scene.height.reshape(-1)
+    i = (scene.kind.reshape(-1) == TREE).nonzero().squeeze(1)
+    r, c = i // m, i % m
+    two_res = 2.0 * scene.resolution_m
+    gx = (h[r * m + (c + 1) % m] - h[r * m + (c - 1) % m]) / two_res
+    gy = (h[((r + 1) % n) * m + c] - h[((r - 1) % n) * m + c]) / two_res  # d/d(row): southwards
     # cos(normal, sun) with normal = (-dh/dx, dh/dy, 1) / norm (rows grow southwards: flip d/dy).
     cos = ((-gx * sun[0] + gy * sun[1] + sun[2]) * torch.rsqrt(gx * gx + gy * gy + 1)).clamp_min(0)
-    flat_cos = float(sun[2])
-    diffuse = torch.where(scene.kind == TREE, cos, torch.full_like(cos, flat_cos))
-    light = 0.38 + 0.72 * diffuse * lit
-    return (rgb * light[None]).clamp(0, 1)
+    light[i] = 0.38 + 0.72 * cos * lit[i]
+    return (rgb * light.reshape(1, n, m)).clamp_(0, 1)
 
 
 class SeasonLight:

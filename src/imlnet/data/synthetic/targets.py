@@ -172,6 +172,7 @@ def render_target(cfg: SynthConfig, city: City, slot: int) -> RenderedTarget:
                 "camera_lat": round(lat, 7),
                 "camera_lon": round(lon, 7),
                 "distance_m": round(math.hypot(x, y), 3),
+                "azimuth_deg": round(math.degrees(math.atan2(x, y)) % 360.0, 4),
                 "season": season,
                 "weather": weather,
             }
