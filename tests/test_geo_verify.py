@@ -237,3 +237,21 @@ def test_a_flight_looks_near_its_last_fix_when_retrieval_misses(
     assert [f.verified for f in guided] == [True, True]
     assert guided[1].verification.tile_rank == 0  # type: ignore[union-attr]
     assert guided[1].verification.note.endswith("near the flight's last fix")  # type: ignore[union-attr]
+
+
+def test_localize_options_are_checked_before_retrieval(tmp_path: Path) -> None:
+    import argparse
+
+    from imlnet.geo.fixes_io import add_args, prepare
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--truth", type=Path)
+    add_args(ap)
+    bad = tmp_path / "att.csv"
+    bad.write_text("image,pitch_deg\na.jpg,45\nb.jpg,north\n")
+    with pytest.raises(GeoError, match=r"att\.csv, line 3: pitch_deg 'north'"):
+        prepare(ap.parse_args(["--attitude", str(bad)]))
+    with pytest.raises(GeoError, match="--verify must be >= 0"):
+        prepare(ap.parse_args(["--verify", "-1"]))
+    plan = prepare(ap.parse_args(["--verify", "0"]))
+    assert plan.verifier is None and plan.attitude is None

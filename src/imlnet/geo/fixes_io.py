@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,25 +238,28 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--no-map", action="store_true", help="do not draw map.png")
 
 
-def after_localize(
-    args: argparse.Namespace,
-    results: Sequence[Any],
-    paths: dict[str, Path],
-    *,
-    seconds: float,
-    gallery: Sequence[Mapping[str, Any]] | None = None,
-) -> dict[str, Path]:
-    """The ``imlnet localize`` step after retrieval: verify, fuse, write, draw, print.
+@dataclass
+class Plan:
+    """The refinement options of one ``imlnet localize`` run, checked before retrieval."""
 
-    Args:
-        args: the parsed command line (:func:`add_args` and localize's own options).
-        results: the retrieval results.
-        paths: the files localize wrote (its GeoJSON gains the new features).
-        seconds: the retrieval's wall time (embedding and search), for the latency.
-        gallery: the gallery's rows (``GalleryIndex.metadata``), for ``--prior-tiles``.
+    verifier: Verifier | None
+    attitude: PathMatcher | None
+    camera_truth: PathMatcher | None
+    track: TrackConfig
+
+
+def prepare(args: argparse.Namespace) -> Plan:
+    """Check the options of :func:`add_args` and read the attitude and camera-truth files, so
+    that a bad one stops the run before any image is embedded or file written.
+
+    Raises:
+        GeoError: a bad option value or a bad row (naming the file and the line).
     """
-    if args.verify < 0:
-        raise GeoError(f"--verify must be >= 0, got {args.verify}")
+    for name in ("verify", "min_inliers", "prior_tiles"):
+        if getattr(args, name) < 0:
+            raise GeoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    track = TrackConfig(step_m=args.step_m)
+    track.validate()
     verifier = None
     if args.verify > 0:
         cfg = VerifyConfig(k=args.verify, min_inliers=args.min_inliers)
@@ -268,21 +272,43 @@ def after_localize(
     camera = None
     if args.truth is not None:
         camera = PathMatcher(read_camera_truth(args.truth), args.truth.parent)
+    return Plan(verifier, attitude, camera, track)
+
+
+def after_localize(
+    plan: Plan,
+    args: argparse.Namespace,
+    results: Sequence[Any],
+    paths: dict[str, Path],
+    *,
+    seconds: float,
+    gallery: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """The ``imlnet localize`` step after retrieval: verify, fuse, write, draw, print.
+
+    Args:
+        plan: from :func:`prepare`.
+        args: the parsed command line (:func:`add_args` and localize's own options).
+        results: the retrieval results.
+        paths: the files localize wrote (its GeoJSON gains the new features).
+        seconds: the retrieval's wall time (embedding and search), for the latency.
+        gallery: the gallery's rows (``GalleryIndex.metadata``), for ``--prior-tiles``.
+    """
     try:
         fixes = refine(
             results,
-            verifier=verifier,
-            attitude=attitude,
+            verifier=plan.verifier,
+            attitude=plan.attitude,
             sequence=args.sequence,
-            track=TrackConfig(step_m=args.step_m),
-            camera_truth=camera,
+            track=plan.track,
+            camera_truth=plan.camera_truth,
             gallery=gallery,
             prior_tiles=args.prior_tiles,
             progress=not args.quiet,
         )
     finally:
-        if verifier is not None:
-            verifier.close()
+        if plan.verifier is not None:
+            plan.verifier.close()
     n = max(len(results), 1)
     out = write_refined(
         fixes, args.out_dir, geojson=paths.get("geojson"), retrieval_s_per_query=seconds / n

@@ -288,6 +288,7 @@ def main(argv: Sequence[str]) -> int:
 
     fixes_io.add_args(ap)
     args = ap.parse_args(list(argv))
+    plan = fixes_io.prepare(args)
     if args.k < 1:
         raise GeoError(f"--k must be >= 1, got {args.k}")
     device = resolve_device(args.device)
@@ -334,7 +335,7 @@ def main(argv: Sequence[str]) -> int:
     seconds = time.perf_counter() - start
     paths = write_outputs(results, args.out_dir)
     paths.update(
-        fixes_io.after_localize(args, results, paths, seconds=seconds, gallery=index.metadata)
+        fixes_io.after_localize(plan, args, results, paths, seconds=seconds, gallery=index.metadata)
     )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

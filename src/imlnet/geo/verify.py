@@ -6,7 +6,10 @@ window is widened by ``margin`` of its size on every side, since an oblique view
 than one tile), and matched to the drone image:
 
 1. SIFT keypoints on both (after CLAHE, which evens out illumination between the photo and the
-   map), Lowe's ratio test on the two nearest descriptors.
+   map), Lowe's ratio test on the two nearest descriptors (0.8; 0.9 for a rectified view, whose
+   4-parameter fit and scale/rotation checks reject what the looser test lets through: on a
+   synthetic world with the right tile given, 10 instead of 7 of 30 views verified, all within
+   10 m, while 0.9 without attitude verified 5 wrong places out of 9).
 2. A robust model: ``cv2.findHomography`` with USAC MAGSAC++ (or RANSAC) image -> map pixels.
    With the image's attitude known (IMU pitch/roll, optionally heading and altitude) the view is
    first warped to a nadir view (:func:`imlnet.geo.pose.rectifier`), where the map differs from
@@ -52,6 +55,7 @@ class VerifyConfig:
     margin: float = 0.5  # map window = tile window widened by this share of its size per side
     max_side_px: int = 1600  # map windows larger than this are decimated (speed)
     ratio: float = 0.8  # Lowe's ratio test
+    ratio_rectified: float = 0.9  # with attitude: the similarity fit and its checks allow more
     threshold_px: float = 4.0  # inlier threshold of the robust fit
     method: Literal["magsac", "ransac"] = "magsac"
     min_inliers: int = 12
@@ -181,9 +185,8 @@ class Verifier:
         # Exhaustive matching for small sets; FLANN kd-trees when it would be slow.
         small = len(query.pts) * len(ref.pts) <= 2_000_000
         pairs = (self._matcher if small else self._flann).knnMatch(query.desc, ref.desc, k=2)
-        good = [
-            p[0] for p in pairs if len(p) == 2 and p[0].distance < self.cfg.ratio * p[1].distance
-        ]
+        ratio = self.cfg.ratio_rectified if similarity else self.cfg.ratio
+        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < ratio * p[1].distance]
         src = query.pts[[m.queryIdx for m in good]].reshape(-1, 2)
         dst = ref.pts[[m.trainIdx for m in good]].reshape(-1, 2)
         self.last_pairs = (src, dst)
