@@ -17,7 +17,8 @@ than one tile), and matched to the drone image:
    fewer parameters, fewer false matches that fit by chance.
 3. A candidate is *verified* when at least ``min_inliers`` correspondences agree, the image
    centre maps inside the map window, and planar PnP on the inliers puts the camera above the
-   ground (:func:`imlnet.geo.pose.solve_pose`).
+   ground with an RMS reprojection error below ``max_reproj_px``
+   (:func:`imlnet.geo.pose.solve_pose`).
 
 Verified candidates are re-ranked by inlier count. The best gives the *aim point* (the image
 centre through the homography, map pixels -> map CRS -> WGS84) and the *camera pose* (east,
@@ -64,6 +65,7 @@ class VerifyConfig:
     fov_deg: float = DEFAULT_FOV_DEG  # when the attitude file gives none
     agree_m: float = 30.0  # aim points closer than this count as the same place
     max_height_m: float = 3000.0  # a PnP pose above this is implausible
+    max_reproj_px: float = 8.0  # PnP's RMS reprojection error over the inliers must stay below
     cache_windows: int = 64  # map windows whose features are kept between queries
     max_features: int = 3000  # SIFT keypoints kept per image (the strongest)
 
@@ -319,6 +321,9 @@ class Verifier:
         pose = solve_pose(img_pts, np.c_[gx, gy], K, prior=attitude)
         if pose is None or not 0 < pose.height_m <= self.cfg.max_height_m:
             cand.reason = "no camera pose above the ground"
+            return cand
+        if pose.reproj_px > self.cfg.max_reproj_px:  # the points fit no camera: a false match
+            cand.reason = f"no camera fits the matches ({pose.reproj_px:.0f} px reprojection error)"
             return cand
         cand.pose = pose
         cand.camera_lat, cand.camera_lon = frame.to_latlon(pose.east_m, pose.north_m)
