@@ -51,6 +51,14 @@ def test_dark_is_darker_and_overexposure_brighter(image):
     assert corrupt(image, "overexposure", "k").mean() > 1.2 * image.mean()
 
 
+def test_conditions_figure_shows_every_condition(image):
+    from imlnet.evaluation.robustness import conditions_figure
+
+    fig = conditions_figure(image)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == list(CONDITIONS)
+
+
 def test_condition_names():
     assert parse_conditions("wx") == list(CONDITIONS) and len(CONDITIONS) == 10
     assert parse_conditions("rain,fog, over-exposure,fog") == ["fog", "rain", "overexposure"]

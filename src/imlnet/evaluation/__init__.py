@@ -3,6 +3,9 @@
 - :mod:`~imlnet.evaluation.protocol`: the metrics (R@1/5/10, R@1%, AP), as in the official code.
 - :mod:`~imlnet.evaluation.ranking` (+ :mod:`~imlnet.evaluation.buckets`): the fast exact ranks.
 - :mod:`~imlnet.evaluation.features`: features of the test views, ``.npz`` files, directions.
+- :mod:`~imlnet.evaluation.breakdown`: metrics per season, weather, altitude, pitch (``--by``).
+- :mod:`~imlnet.evaluation.corruption`, :mod:`~imlnet.evaluation.robustness`: the University-WX
+  weather protocol (``--corrupt``).
 - :mod:`~imlnet.evaluation.cli`: the ``imlnet evaluate`` command.
 """
 

@@ -210,6 +210,25 @@ def robustness_figure(result: Mapping[str, Any]) -> Any:
     return fig
 
 
+def conditions_figure(
+    image: np.ndarray, key: str = "example", seed: int = 0, conditions: Sequence[str] = CONDITIONS
+) -> Any:
+    """One ``(H, W, 3)`` uint8 image under each condition, in a grid of five columns."""
+    from imlnet.viz import _plt
+
+    plt = _plt()
+    names = parse_conditions(conditions)
+    rows = -(-len(names) // 5)
+    fig, axes = plt.subplots(rows, 5, figsize=(12.5, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, condition in zip(axes.flat, names, strict=False):
+        ax.imshow(corrupt(image, condition, key, seed))
+        ax.set_title(condition, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def corruption_report(
     model: Any,
     datasets: Mapping[str, Any],
@@ -262,4 +281,11 @@ def corruption_report(
     return report
 
 
-__all__ = ["CONDITIONS", "DRONE_VIEWS", "CorruptedView", "corruption_report", "robustness"]
+__all__ = [
+    "CONDITIONS",
+    "DRONE_VIEWS",
+    "CorruptedView",
+    "conditions_figure",
+    "corruption_report",
+    "robustness",
+]
