@@ -313,6 +313,19 @@ def test_season_and_weather_options(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert seen["cfg"].size == 40
 
 
+def test_world_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imlnet.data.synthetic import world
+
+    seen = {}
+    monkeypatch.setattr(world, "generate_world", lambda cfg, out, **kw: seen.update(cfg=cfg))
+    argv = ["synth", str(tmp_path / "w"), "--world", "--flights", "3", "--views", "0"]
+    assert cli_main([*argv, "--world-size-m", "900", "--gsd", "1", "--image-size", "96"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.flights, cfg.views, cfg.extent_m, cfg.gsd_m, cfg.size) == (3, 0, 900, 1, 96)
+    with pytest.raises(ImlnetError, match="at least one view or flight"):
+        world.WorldConfig(views=0, flights=0).validate()
+
+
 def test_montage_flag_writes_a_picture(tmp_path: Path) -> None:
     out = tmp_path / "montage.jpg"
     assert cli_main(["synth", str(out), "--montage", "--image-size", "32", "--seed", "1"]) == 0

@@ -4,11 +4,12 @@ A pose is the camera's position (east, north, height above ground, metres in the
 and attitude (heading of the optical axis, pitch below the horizon, roll), plus the *aim point*:
 where the optical axis meets the ground plane (z = 0), the ground point at the image centre.
 
-Flights: a multirotor flying at a steady speed whose turn rate, height and camera pitch drift
-smoothly (sums of slow sinusoids with random phases), with the camera looking ahead along the
-track and a small roll from banking in turns (most of it taken out by the gimbal). The track
-steers back towards the map centre when it nears the edge, so every aim point stays inside the
-orthophoto's margin. All randomness comes from the given generator.
+Flights: a multirotor flying at a steady speed whose turn rate, height (+-15 m around its own
+mean) and camera pitch (+-4 degrees) drift smoothly (sums of slow sinusoids with random
+phases), with the camera looking ahead along the track and a small roll from banking in turns
+(most of it taken out by the gimbal). The track steers back towards the map centre when it
+nears the edge, so every aim point stays inside the orthophoto's margin. All randomness comes
+from the given generator.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class FlightConfig:
     frame_interval_s: float = 3.0
     max_turn_deg_s: float = 8.0  # largest turn rate of the drifting turn
     altitude_m: tuple[float, float] = (70.0, 140.0)  # height range the flight drifts within
+    altitude_drift_m: float = 15.0  # +- around the flight's own mean height
     pitch_deg: tuple[float, float] = (40.0, 55.0)
+    pitch_drift_deg: float = 4.0  # +- around the flight's own mean pitch
     gimbal_roll_share: float = 0.25  # share of the bank angle the gimbal leaves in the image
     fov_deg: float = 50.0
 
@@ -92,15 +95,17 @@ def _drift(gen: torch.Generator, period_s: tuple[float, float]) -> callable:
 
 def fly(gen: torch.Generator, half: float, margin: float, cfg: FlightConfig) -> list[Pose]:
     """Poses of one flight, one per frame, over a square map of side ``2 * half``."""
-    u = torch.rand(5, generator=gen, dtype=torch.float64).tolist()
+    u = torch.rand(7, generator=gen, dtype=torch.float64).tolist()
     lo, hi = -half + margin, half - margin
     speed = cfg.speed_mps[0] + (cfg.speed_mps[1] - cfg.speed_mps[0]) * u[0]
     length = cfg.length_m[0] + (cfg.length_m[1] - cfg.length_m[0]) * u[1]
     heading = 360.0 * u[2]
     x, y = lo + (hi - lo) * u[3], lo + (hi - lo) * u[4]
     turn, height, tilt = (_drift(gen, p) for p in ((25.0, 70.0), (40.0, 120.0), (20.0, 60.0)))
-    a_mid, a_amp = sum(cfg.altitude_m) / 2, (cfg.altitude_m[1] - cfg.altitude_m[0]) / 2
-    p_mid, p_amp = sum(cfg.pitch_deg) / 2, (cfg.pitch_deg[1] - cfg.pitch_deg[0]) / 2
+    a_amp = min(cfg.altitude_drift_m, (cfg.altitude_m[1] - cfg.altitude_m[0]) / 2)
+    a_mid = cfg.altitude_m[0] + a_amp + (cfg.altitude_m[1] - cfg.altitude_m[0] - 2 * a_amp) * u[5]
+    p_amp = min(cfg.pitch_drift_deg, (cfg.pitch_deg[1] - cfg.pitch_deg[0]) / 2)
+    p_mid = cfg.pitch_deg[0] + p_amp + (cfg.pitch_deg[1] - cfg.pitch_deg[0] - 2 * p_amp) * u[6]
     duration = length / speed
     frames = max(2, int(duration // cfg.frame_interval_s) + 1)
     dt = 0.25
