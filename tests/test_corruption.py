@@ -205,3 +205,72 @@ def test_unknown_names_exit_2_with_the_list(tmp_path, capsys):
     assert "choose from season" in capsys.readouterr().err
     assert cli_main([*base, "--by", "season", "--bins", "season=4"]) == 2
     assert "--bins 'season=4'" in capsys.readouterr().err
+
+
+def test_by_from_a_saved_features_file_equals_the_model_run(tmp_path, monkeypatch):
+    from imlnet.inference import LoadedModel, eval_transform
+
+    data = tmp_path / "data"
+    _dataset(data)
+    monkeypatch.setattr(
+        cli, "load_model", lambda c, d="auto", *, image_size=None: LoadedModel(
+            FakeModel(), 32, eval_transform(32)
+        )
+    )  # fmt: skip
+    common = ["--device", "cpu", "--quiet", "--by", "season,altitude"]
+    feats = tmp_path / "f.npz"
+    argv = ["--checkpoint", "x", "--data", str(data), *common, "--save-features", str(feats)]
+    assert (
+        cli.main([*argv, "--report-dir", str(tmp_path / "a"), "--out", str(tmp_path / "a.json")])
+        == 0
+    )
+    argv = ["--features", str(feats), "--data", str(data), *common]
+    assert (
+        cli.main([*argv, "--report-dir", str(tmp_path / "b"), "--out", str(tmp_path / "b.json")])
+        == 0
+    )
+    a = json.loads((tmp_path / "a.json").read_text())["breakdown"]
+    b = json.loads((tmp_path / "b.json").read_text())["breakdown"]
+    assert a == b and a["all"]["results"]["altitude"]["drone->satellite"]
+    # a features file without paths cannot be broken down: a clear message
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in np.load(feats).items() if "_paths" not in k})
+    argv = [
+        "evaluate",
+        "--features",
+        str(tmp_path / "old.npz"),
+        "--data",
+        str(data),
+        "--by",
+        "season",
+    ]
+    assert cli_main([*argv, "--report-dir", str(tmp_path / "c")]) == 2
+
+
+def test_sues200_altitude_is_each_setting(tmp_path, monkeypatch, capsys):
+    from imlnet.inference import LoadedModel, eval_transform
+
+    rng = np.random.default_rng(5)
+    for altitude in (150, 300):
+        for view, per in (("query_drone", 2), ("gallery_satellite", 1), ("query_satellite", 1),
+                          ("gallery_drone", 2)):  # fmt: skip
+            for b in ("0001", "0002"):
+                folder = tmp_path / "sues" / "Testing" / str(altitude) / view / b
+                folder.mkdir(parents=True)
+                for k in range(per):
+                    pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{k}.png")
+    monkeypatch.setattr(
+        cli, "load_model", lambda c, d="auto", *, image_size=None: LoadedModel(
+            FakeModel(), 32, eval_transform(32)
+        )
+    )  # fmt: skip
+    argv = ["--checkpoint", "x", "--data", str(tmp_path / "sues"), "--dataset", "sues200"]
+    argv += ["--altitudes", "150", "300", "--device", "cpu", "--quiet", "--by", "altitude"]
+    assert (
+        cli.main([*argv, "--report-dir", str(tmp_path / "r"), "--out", str(tmp_path / "r.json")])
+        == 0
+    )
+    got = json.loads((tmp_path / "r.json").read_text())["breakdown"]
+    assert list(got["150m"]["results"]["altitude"]["drone->satellite"]) == ["150-175 m"]
+    assert list(got["300m"]["results"]["altitude"]["drone->satellite"]) == ["300-325 m"]
+    assert (tmp_path / "r" / "300m" / "breakdown.png").is_file()

@@ -22,6 +22,7 @@ from imlnet.evaluation.corruption import CONDITIONS, parse_conditions
 from imlnet.evaluation.features import (
     evaluate_views,
     extract_features,
+    load_feature_paths,
     load_features,
     save_features,
 )
@@ -74,7 +75,8 @@ def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dic
             target = args.save_features
             if setting:
                 target = target.with_name(f"{target.stem}_{setting}{target.suffix or '.npz'}")
-            save_features(target, views, setting)
+            paths = {v: [p for p, _ in ds.samples] for v, ds in datasets.items()}
+            save_features(target, views, setting, paths=paths)
         start = time.perf_counter()
         results.update(_run(views, args, device, setting))
         timings = {"features_s": features_s, "metrics_s": time.perf_counter() - start}
@@ -98,18 +100,9 @@ def _multi_domain(
     timings: dict[str, float] = {}
     folder = args.report_dir / setting if setting else args.report_dir
     if args.by:
-        from imlnet.evaluation.breakdown import breakdown_report, view_conditions
-
         start = time.perf_counter()
-        altitude = int(setting.removesuffix("m")) if args.dataset == "sues200" else None
-        conditions = {
-            v: view_conditions(args.data, [p for p, _ in datasets[v].samples], altitude=altitude)
-            for v in ("query_drone", "gallery_drone")
-        }
-        out["breakdown"] = breakdown_report(
-            views, conditions, args.by, bins=args.bins, protocol=args.protocol, out=folder,
-            device=device,
-        )  # fmt: skip
+        paths = {v: [p for p, _ in ds.samples] for v, ds in datasets.items()}
+        out["breakdown"] = _breakdown(args, setting, views, paths, device)
         timings["breakdown_s"] = time.perf_counter() - start
     if args.corrupt:
         from imlnet.evaluation.robustness import corruption_report
@@ -125,6 +118,33 @@ def _multi_domain(
     if out:
         out["timings"] = timings
     return out
+
+
+def _breakdown(
+    args: argparse.Namespace,
+    setting: str,
+    views: Mapping[str, tuple[Any, Any]],
+    paths: Mapping[str, Sequence[Any]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """``--by`` for one setting: the conditions of the drone images, then the report."""
+    from imlnet.evaluation.breakdown import breakdown_report, view_conditions
+
+    altitude = int(setting.removesuffix("m")) if args.dataset == "sues200" else None
+    conditions = {}
+    for view in ("query_drone", "gallery_drone"):
+        if view in views:
+            if not paths.get(view):
+                raise DatasetLayoutError(
+                    f"{args.features}: no {view}_paths array, so --by cannot find each image's "
+                    "conditions; save the features again with --save-features"
+                )
+            conditions[view] = view_conditions(args.data, paths[view], altitude=altitude)
+    folder = args.report_dir / setting if setting else args.report_dir
+    return breakdown_report(
+        views, conditions, args.by, bins=args.bins, protocol=args.protocol, out=folder,
+        device=device,
+    )  # fmt: skip
 
 
 def _run(views: Mapping, args: argparse.Namespace, device: torch.device, setting: str) -> dict:
@@ -166,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     multi = ap.add_argument_group("multi-domain evaluation (a model on a dataset)")
     multi.add_argument(
         "--by",
+        metavar="FIELDS",
         help=f"metrics per group of drone images, by any of {','.join(FIELDS)} (the synthetic "
         "benchmark's metadata.json; SUES-200: altitude)",
     )
@@ -178,16 +199,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     multi.add_argument(
         "--corrupt",
+        metavar="CONDITIONS",
         help="University-WX weather protocol on the drone images: wx (all ten) or a "
-        f"comma-separated subset of {','.join(CONDITIONS)}",
+        f"comma-separated subset of {', '.join(CONDITIONS)}",
     )
-    multi.add_argument("--corrupt-seed", type=int, default=0, help="seed of the corruptions")
     multi.add_argument(
-        "--save-corrupted", type=Path, help="also write the corrupted drone images here (PNG)"
+        "--corrupt-seed", type=int, default=0, metavar="N", help="seed of the corruptions"
+    )
+    multi.add_argument(
+        "--save-corrupted",
+        type=Path,
+        metavar="DIR",
+        help="also write the corrupted drone images here (PNG)",
     )
     multi.add_argument(
         "--report-dir",
         type=Path,
+        metavar="DIR",
         default=Path("runs/evaluate"),
         help="where --by and --corrupt write their JSON and PNG (default: runs/evaluate)",
     )
@@ -206,15 +234,25 @@ def main(argv: Sequence[str]) -> int:
     args.corrupt = parse_conditions(args.corrupt) if args.corrupt else None
     extra: dict[str, Any] = {}
     if args.features is not None:
-        if args.checkpoint is not None or args.data is not None:
-            ap.error("give either --features or --checkpoint with --data, not both")
-        if args.by or args.corrupt:
-            ap.error("--by and --corrupt need the images: give --checkpoint and --data")
+        if args.checkpoint is not None or (args.data is not None and not args.by):
+            ap.error("give either --features (with --data for --by) or --checkpoint with --data")
+        if args.corrupt:
+            ap.error("--corrupt needs the images and the model: give --checkpoint and --data")
+        if args.by and args.data is None:
+            ap.error("--by with --features needs --data (the dataset the features come from)")
         results: dict[str, dict[str, float]] = {}
         sizes: dict[str, dict[str, int]] = {}
+        stored = load_feature_paths(args.features) if args.by else {}
         for setting, views in load_features(args.features).items():
             results.update(_run(views, args, device, setting))
             sizes[setting or "all"] = {v: len(views[v][1]) for v in views}
+            if args.by:
+                start = time.perf_counter()
+                report = _breakdown(args, setting, views, stored.get(setting, {}), device)
+                extra[setting or "all"] = {
+                    "breakdown": report,
+                    "timings": {"breakdown_s": time.perf_counter() - start},
+                }
         if not results:
             raise DatasetLayoutError(
                 f"{args.features} has no complete direction: it needs query_drone with "

@@ -86,7 +86,7 @@ def _unpack(batch: Any, image_key: str, label_key: str) -> tuple[Tensor, Any]:
     )
 
 
-def features_key(view: str, kind: Literal["features", "labels"], setting: str = "") -> str:
+def features_key(view: str, kind: Literal["features", "labels", "paths"], setting: str = "") -> str:
     """Name of an array in a features file: ``[<setting>/]<view>_<kind>``.
 
     ``view`` is one of :data:`VIEWS`; ``setting`` groups the views of one evaluation (e.g.
@@ -96,7 +96,11 @@ def features_key(view: str, kind: Literal["features", "labels"], setting: str = 
 
 
 def save_features(
-    path: str | os.PathLike[str], views: Mapping[str, tuple[Tensor, Tensor]], setting: str = ""
+    path: str | os.PathLike[str],
+    views: Mapping[str, tuple[Tensor, Tensor]],
+    setting: str = "",
+    *,
+    paths: Mapping[str, Sequence[str | os.PathLike[str]]] | None = None,
 ) -> None:
     """Write features and labels per view to an ``.npz`` file, atomically.
 
@@ -104,6 +108,8 @@ def save_features(
         path: the ``.npz`` file.
         views: view name (see :data:`VIEWS`) -> ``(features (N, D), labels (N,))``.
         setting: prefix of the keys (see :func:`features_key`).
+        paths: view -> the image file of each row (stored as ``V_paths``, so that
+            ``imlnet evaluate --features F --data D --by ...`` can find each image's conditions).
     """
     arrays: dict[str, np.ndarray] = {}
     for view, (feats, labels) in views.items():
@@ -111,6 +117,11 @@ def save_features(
         arrays[features_key(view, "labels", setting)] = np.asarray(
             torch.as_tensor(labels).cpu(), dtype=np.int64
         )
+        if paths is not None and view in paths:
+            if len(paths[view]) != len(labels):
+                raise ValueError(f"{view}: {len(paths[view])} paths for {len(labels)} rows")
+            names = [str(p) for p in paths[view]]
+            arrays[features_key(view, "paths", setting)] = np.asarray(names, dtype=str)
     with atomic_write(path, "wb") as handle:
         np.savez(handle, **arrays)
 
@@ -159,6 +170,26 @@ def load_features(
             f"{features_key('query_drone', 'features')!r} and "
             f"{features_key('query_drone', 'labels')!r} (see imlnet.evaluation.features_key)"
         )
+    return out
+
+
+def load_feature_paths(path: str | os.PathLike[str]) -> dict[str, dict[str, list[str]]]:
+    """The image paths stored with a features file: setting -> view -> paths (may be empty).
+
+    Raises:
+        DatasetLayoutError: the file is missing or unreadable.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = [k for k in data.files if k.endswith("_paths")]
+            arrays = {k: data[k].tolist() for k in keys}
+    except (OSError, ValueError) as err:
+        raise DatasetLayoutError(f"cannot read features file {path} as .npz: {err}") from err
+    out: dict[str, dict[str, list[str]]] = {}
+    for key, names in arrays.items():
+        setting, _, name = key.rpartition("/")
+        out.setdefault(setting, {})[name.removesuffix("_paths")] = [str(n) for n in names]
     return out
 
 
