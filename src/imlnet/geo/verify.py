@@ -5,11 +5,11 @@ resolution* (the gallery's metadata keeps each tile's source raster and pixel wi
 window is widened by ``margin`` of its size on every side, since an oblique view sees far more
 than one tile), and matched to the drone image:
 
-1. SIFT keypoints on both (after CLAHE, which evens out illumination between the photo and the
-   map), Lowe's ratio test on the two nearest descriptors (0.8; 0.9 for a rectified view, whose
-   4-parameter fit and scale/rotation checks reject what the looser test lets through: on a
-   synthetic world with the right tile given, 10 instead of 7 of 30 views verified, all within
-   10 m, while 0.9 without attitude verified 5 wrong places out of 9).
+1. SIFT keypoints and RootSIFT descriptors on both (after CLAHE, which evens out illumination
+   between the photo and the map), Lowe's ratio test on the two nearest descriptors (0.8; 0.9
+   for a rectified view, whose 4-parameter fit and scale/rotation checks reject what the looser
+   test lets through: on a synthetic world with the right tile given, 10 instead of 7 of 30
+   views verified, all within 10 m, while 0.9 without attitude verified 5 wrong places of 9).
 2. A robust model: ``cv2.findHomography`` with USAC MAGSAC++ (or RANSAC) image -> map pixels.
    With the image's attitude known (IMU pitch/roll, optionally heading and altitude) the view is
    first warped to a nadir view (:func:`imlnet.geo.pose.rectifier`), where the map differs from
@@ -165,8 +165,15 @@ class Verifier:
 
     # -- features -----------------------------------------------------------------------------
     def features(self, grey: np.ndarray, mask: np.ndarray | None = None) -> _Features:
-        """SIFT keypoints and descriptors of a uint8 grey image (after CLAHE)."""
+        """SIFT keypoints and RootSIFT descriptors of a uint8 grey image (after CLAHE).
+
+        RootSIFT (Arandjelovic and Zisserman, 2012) compares descriptors by the Hellinger
+        kernel; with the right tile given, 11 instead of 10 of 30 synthetic views verified with
+        attitude and 4 instead of 3 without, none of them wrong.
+        """
         kps, desc = self._sift.detectAndCompute(self._clahe.apply(grey), mask)
+        if desc is not None:  # RootSIFT: L1-normalise, square root (Hellinger kernel)
+            desc = np.sqrt(desc / (desc.sum(axis=1, keepdims=True) + 1e-7)).astype(np.float32)
         pts = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
         return _Features(pts, desc)
 
