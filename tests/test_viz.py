@@ -114,7 +114,7 @@ def test_user_errors_exit_2_naming_the_file(
 
 
 def test_output_stems_are_unique():
-    from imlnet.viz import _output_stems
+    from imlnet.visualize import _output_stems
 
     paths = [Path("a/0001/image-01.jpeg"), Path("b/0001/image-01.jpeg"), Path("c/0002/x.jpeg")]
     assert _output_stems(paths) == ["0001_image-01_0", "0001_image-01_1", "x"]

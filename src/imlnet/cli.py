@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tile": ("imlnet.geo.tiling", "cut a GeoTIFF into georeferenced gallery tiles"),
     "index": ("imlnet.geo.index", "embed gallery tiles into a FAISS index"),
     "localize": ("imlnet.geo.localize", "drone images -> top-k tiles with lat/lon"),
-    "visualize": ("imlnet.viz", "reconstructions, attention maps and retrieval grids"),
+    "visualize": ("imlnet.visualize", "reconstructions, attention maps and retrieval grids"),
     "demo": ("imlnet.demo", "synthesise, train, evaluate and localise end to end"),
 }
 LIGHTNING_COMMANDS = {"fit", "validate", "test"}

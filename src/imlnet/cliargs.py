@@ -20,7 +20,7 @@ DEFAULT_WORKERS = min(8, max(0, (os.cpu_count() or 1) - 1))
 def add_common(
     parser: argparse.ArgumentParser,
     *,
-    image_size: int | None | bool = False,
+    image_size: int | bool | None = False,
     batch_size: int | None = None,
     workers: bool = False,
     device: bool = False,

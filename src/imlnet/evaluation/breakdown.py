@@ -277,9 +277,9 @@ def format_breakdown(result: Mapping[str, Mapping[str, Mapping[str, Mapping[str,
 
 def breakdown_figure(result: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> Any:
     """Bar chart: one panel per field, R@1 and AP per group and direction (matplotlib Figure)."""
-    from imlnet.viz import _plt
+    from imlnet.viz import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     names = [n for n in result if result[n]]
     cols = min(2, max(1, len(names)))
     rows = -(-max(1, len(names)) // cols)

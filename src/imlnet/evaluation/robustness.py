@@ -183,9 +183,9 @@ def format_robustness(result: Mapping[str, Any]) -> str:
 
 def robustness_figure(result: Mapping[str, Any]) -> Any:
     """Bar chart of R@1 and AP per condition (drone->satellite and satellite->drone)."""
-    from imlnet.viz import _plt
+    from imlnet.viz import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     names = ["clean", *result["conditions"]]
     rows = [result["clean"], *result["conditions"].values()]
     directions = [d for d, _, _ in DIRECTIONS if d in result["clean"]]
@@ -214,9 +214,9 @@ def conditions_figure(
     image: np.ndarray, key: str = "example", seed: int = 0, conditions: Sequence[str] = CONDITIONS
 ) -> Any:
     """One ``(H, W, 3)`` uint8 image under each condition, in a grid of five columns."""
-    from imlnet.viz import _plt
+    from imlnet.viz import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     names = parse_conditions(conditions)
     rows = -(-len(names) // 5)
     fig, axes = plt.subplots(rows, 5, figsize=(12.5, 2.8 * rows), squeeze=False)
