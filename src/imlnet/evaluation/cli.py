@@ -108,11 +108,14 @@ def _multi_domain(
         from imlnet.evaluation.robustness import corruption_report
 
         start = time.perf_counter()
+        save = args.save_corrupted
+        if save is not None and setting:  # SUES-200: one tree per altitude
+            save = save / setting
         out["corruption"] = corruption_report(
             loaded.model, datasets, args.data, loaded.transform, clean=views,
             conditions=args.corrupt, seed=args.corrupt_seed, protocol=args.protocol,
             batch_size=args.batch_size, workers=args.workers, device=device, out=folder,
-            save_corrupted=args.save_corrupted, progress=not args.quiet,
+            save_corrupted=save, progress=not args.quiet,
         )  # fmt: skip
         timings["corruption_s"] = time.perf_counter() - start
     if out:
