@@ -274,3 +274,30 @@ def test_sues200_altitude_is_each_setting(tmp_path, monkeypatch, capsys):
     assert list(got["150m"]["results"]["altitude"]["drone->satellite"]) == ["150-175 m"]
     assert list(got["300m"]["results"]["altitude"]["drone->satellite"]) == ["300-325 m"]
     assert (tmp_path / "r" / "300m" / "breakdown.png").is_file()
+
+
+def test_multi_domain_report_equals_the_command(tmp_path, monkeypatch):
+    from imlnet.evaluation.multidomain import multi_domain_report
+    from imlnet.inference import LoadedModel, eval_transform
+
+    data = tmp_path / "data"
+    _dataset(data)
+    model = FakeModel()
+    monkeypatch.setattr(
+        cli, "load_model", lambda c, d="auto", *, image_size=None: LoadedModel(
+            model, 32, eval_transform(32)
+        )
+    )  # fmt: skip
+    argv = ["--checkpoint", "x", "--data", str(data), "--device", "cpu", "--quiet"]
+    argv += ["--by", "season,pitch", "--corrupt", "wind,dark", "--out", str(tmp_path / "r.json")]
+    assert cli.main([*argv, "--report-dir", str(tmp_path / "cli")]) == 0
+    want = json.loads((tmp_path / "r.json").read_text())
+    rep = multi_domain_report(
+        model, data, image_size=32, by=["season", "pitch"], corrupt="wind,dark", out=tmp_path / "m"
+    )
+    assert rep["breakdown"]["results"] == want["breakdown"]["all"]["results"]
+    for direction, summary in want["corruption"]["all"]["summary"].items():
+        assert rep["corruption"]["summary"][direction] == pytest.approx(summary)
+    assert {Path(f).name for f in rep["breakdown"]["files"] + rep["corruption"]["files"]} == {
+        "breakdown.json", "breakdown.png", "corruption.json", "corruption.png"
+    }  # fmt: skip

@@ -6,6 +6,7 @@
 - :mod:`~imlnet.evaluation.breakdown`: metrics per season, weather, altitude, pitch (``--by``).
 - :mod:`~imlnet.evaluation.corruption`, :mod:`~imlnet.evaluation.robustness`: the University-WX
   weather protocol (``--corrupt``).
+- :mod:`~imlnet.evaluation.multidomain`: both in one call (for the demo).
 - :mod:`~imlnet.evaluation.cli`: the ``imlnet evaluate`` command.
 """
 
