@@ -134,9 +134,23 @@ def _render_job(job: tuple[SynthConfig, int, list[int], str]) -> list[RenderedTa
     return render_city(*job)
 
 
+WORKER_MEMORY = 1.5e9  # bytes a rendering process may hold (an 800 m city, its light, torch)
+
+
+def _available_memory() -> float | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def default_workers(cfg: SynthConfig, device: str) -> int:
-    """One process per usable core for runs of several cities on the CPU, else 0 (in-process)."""
+    """One process per usable core for runs of several cities on the CPU, else 0 (in-process);
+    never more than the free memory holds (:data:`WORKER_MEMORY` each)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    free = _available_memory()
+    if free is not None:
+        cores = min(cores or 1, max(1, int(free // WORKER_MEMORY)))
     cities = math.ceil(cfg.n_train / cfg.targets_per_city) + math.ceil(
         (cfg.n_test + cfg.n_distractors) / cfg.targets_per_city
     )
