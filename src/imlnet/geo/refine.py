@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from imlnet.errors import GeoError
 from imlnet.geo.coords import geodesic_m
-from imlnet.geo.pose import Attitude
+from imlnet.geo.pose import Attitude, Tangent
 from imlnet.geo.track import FrameFix, LatLonHypothesis, TrackConfig, track_latlon
-from imlnet.geo.verify import Tangent, Verification, Verifier
+from imlnet.geo.verify import Verification, Verifier
 
 #: Cost (nats) of a retrieved tile centre as a track hypothesis (a verified match costs < 0.7).
 RETRIEVAL_COST = 2.5

@@ -14,7 +14,10 @@ than one tile), and matched to the drone image:
    With the image's attitude known (IMU pitch/roll, optionally heading and altitude) the view is
    first warped to a nadir view (:func:`imlnet.geo.pose.rectifier`), where the map differs from
    it by a similarity only, so a 4-parameter model (``cv2.estimateAffinePartial2D``) is fitted:
-   fewer parameters, fewer false matches that fit by chance.
+   fewer parameters, fewer false matches that fit by chance. Without attitude, a view that does
+   not verify as it is is tried again rectified for assumed pitches (``pitch_guesses``, 45 and
+   60 degrees; heading and altitude unknown): with the right tile given, 10 instead of 3 of 30
+   oblique synthetic views (pitch 40-55 degrees) verified that way, all within 10 m.
 3. A candidate is *verified* when at least ``min_inliers`` correspondences agree, the image
    centre maps inside the map window, and planar PnP on the inliers puts the camera above the
    ground with an RMS reprojection error below ``max_reproj_px``
@@ -43,9 +46,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imlnet.errors import ImageReadError
-from imlnet.geo.coords import geodesic_m, metres_per_degree
+from imlnet.geo.coords import geodesic_m
 from imlnet.geo.mapwindow import MapReader, MapWindow
-from imlnet.geo.pose import DEFAULT_FOV_DEG, Attitude, CameraPose, intrinsics, rectifier, solve_pose
+from imlnet.geo.pose import (
+    DEFAULT_FOV_DEG,
+    Attitude,
+    CameraPose,
+    Tangent,
+    intrinsics,
+    rectifier,
+    solve_pose,
+)
 
 
 @dataclass
@@ -66,6 +77,7 @@ class VerifyConfig:
     agree_m: float = 30.0  # aim points closer than this count as the same place
     max_height_m: float = 3000.0  # a PnP pose above this is implausible
     max_reproj_px: float = 8.0  # PnP's RMS reprojection error over the inliers must stay below
+    pitch_guesses: tuple[float, ...] = (45.0, 60.0)  # no attitude, no match: assumed pitches
     cache_windows: int = 64  # map windows whose features are kept between queries
     max_features: int = 3000  # SIFT keypoints kept per image (the strongest)
 
@@ -117,25 +129,6 @@ class Verification:
 class _Features:
     pts: np.ndarray  # (N, 2) float32 pixels
     desc: np.ndarray | None  # (N, 128) float32
-
-
-class Tangent:
-    """A local east/north frame in metres around a WGS84 point: degrees times the geodesic
-    metres per degree there (:func:`imlnet.geo.coords.metres_per_degree`). 500 m from its
-    origin it differs from an azimuthal equidistant projection by 3 cm at 47 degrees latitude
-    (9 cm at 70), and it costs two geodesics instead of building a pyproj CRS."""
-
-    def __init__(self, lat: float, lon: float) -> None:
-        self.lat, self.lon = float(lat), float(lon)
-        self.mx, self.my = metres_per_degree(self.lat)
-
-    def to_xy(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """WGS84 arrays -> ``(east_m, north_m)`` arrays."""
-        return (np.asarray(lon) - self.lon) * self.mx, (np.asarray(lat) - self.lat) * self.my
-
-    def to_latlon(self, x: float, y: float) -> tuple[float, float]:
-        """``(east_m, north_m)`` -> WGS84 ``(lat, lon)``."""
-        return self.lat + float(y) / self.my, self.lon + float(x) / self.mx
 
 
 class Verifier:
@@ -251,6 +244,31 @@ class Verifier:
         """
         start = time.perf_counter()
         grey = _read_grey(image)
+        tiles = [*list(hits)[: self.cfg.k], *extra]
+        tries: list[Attitude | None] = [attitude]
+        if attitude is None:  # unknown attitude: as it is, then nadir views at assumed pitches
+            fov = self.cfg.fov_deg
+            tries += [Attitude(p, fov_deg=fov) for p in self.cfg.pitch_guesses]
+        result = self._verify_as(str(image), grey, tiles, fallback, tries[0])
+        for att in tries[1:]:
+            if result.verified or att is None:
+                break
+            again = self._verify_as(str(image), grey, tiles, fallback, att)
+            if again.verified:
+                again.note += f" (rectified for an assumed pitch of {att.pitch_deg:g} deg)"
+            result = again if again.verified or again.inliers > result.inliers else result
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _verify_as(
+        self,
+        image: str,
+        grey: np.ndarray,
+        tiles: Sequence[Mapping[str, Any]],
+        fallback: tuple[float, float],
+        attitude: Attitude | None,
+    ) -> Verification:
+        """One attempt of :meth:`verify`, with this attitude (None: the image as it is)."""
         h, w = grey.shape
         fov = (attitude.fov_deg if attitude else None) or self.cfg.fov_deg
         K = intrinsics(w, h, fov)
@@ -260,17 +278,12 @@ class Verifier:
             valid = cv2.warpPerspective(
                 np.full_like(grey, 255), rect, size, flags=cv2.INTER_NEAREST
             )
-            grey = cv2.warpPerspective(grey, rect, size, flags=cv2.INTER_LINEAR)
-            query = self.features(grey, cv2.erode(valid, np.ones((5, 5), np.uint8)))
+            warped = cv2.warpPerspective(grey, rect, size, flags=cv2.INTER_LINEAR)
+            query = self.features(warped, cv2.erode(valid, np.ones((5, 5), np.uint8)))
         else:
             query = self.features(grey)
-        cands = [
-            self._candidate(query, hit, K, rect, rect_gsd, attitude)
-            for hit in [*list(hits)[: self.cfg.k], *extra]
-        ]
-        result = _decide(str(image), cands, fallback, self.cfg)
-        result.seconds = time.perf_counter() - start
-        return result
+        cands = [self._candidate(query, hit, K, rect, rect_gsd, attitude) for hit in tiles]
+        return _decide(image, cands, fallback, self.cfg)
 
     def _plausible_similarity(
         self, H: np.ndarray, win: MapWindow, rect_gsd: float, attitude: Attitude
