@@ -284,6 +284,9 @@ def _shade(
     return torch.where(hits.inside[None], rgb, far)
 
 
+MAX_RAYS = 1 << 18  # rays cast at once by render_views (about 100 MB of temporaries per block)
+
+
 @dataclass
 class View:
     """What one drone view needs besides the scene: its camera, lighting and night flag."""
@@ -304,7 +307,19 @@ def render_views(
     samples: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Render several views with one batch of rays; per view ``(image, depth)`` as
-    :func:`render_drone` returns them (night views draw their lit windows from ``gen``)."""
+    :func:`render_drone` returns them (night views draw their lit windows from ``gen``).
+
+    Batches hold at most :data:`MAX_RAYS` rays (memory), so many large views go in several.
+    """
+    per = max(1, MAX_RAYS // (size * size))
+    if len(views) > per:
+        return [
+            out
+            for start in range(0, len(views), per)
+            for out in render_views(
+                scene, views[start : start + per], size, gen=gen, samples=samples
+            )
+        ]
     dev = scene.device
     dirs = [camera_rays(v.camera, size) for v in views]
     origins = [torch.tensor(v.camera.position).expand(size * size, 3) for v in views]
