@@ -35,7 +35,7 @@ from imlnet.demo import DEMO_CONFIG, recipe_run
 from imlnet.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("baseline", "irn", "muml", "drcl", "full", "infonce")
+ROWS = ("baseline", "irn", "muml", "drcl", "full", "infonce", "paper_heads")
 #: (metric key of trainer.test, column title)
 COLUMNS = (
     ("test/R@1", "d->s R@1"),

@@ -104,7 +104,7 @@ def test_all_switches_off_is_the_university1652_baseline():
 
 
 def test_forward_shapes_of_the_full_model():
-    model = small_model(5, descriptor_dim=32)
+    model = small_model(5, descriptor_dim=32, muml_head="paper")
     x = torch.randn(2, 3, 64, 96)
     out = model(x)
     assert out.descriptor.shape == out.embedding.shape == (2, 32)
@@ -116,6 +116,10 @@ def test_forward_shapes_of_the_full_model():
         (2, 16, 8, 12),
         (2, 16, 4, 6),
     ]
+    # the default, pooled heads: every map on U4's grid (H/16), the same logits' shapes
+    pooled = small_model(5, descriptor_dim=32)(x)
+    assert [m.shape for m in pooled.unit_maps] == [(2, 16, 4, 6)] * 4
+    assert [u.shape for u in pooled.unit_logits] == [(2, 5)] * 4
     assert out.reconstruction.shape == x.shape
     assert model(x, reconstruct=False).reconstruction is None
     with pytest.raises(ValueError, match="domain"):
@@ -314,9 +318,15 @@ def test_forward_train_returns_originals_and_crops(batch):
     with pytest.raises(ValueError, match="crop_units"):
         model.forward_train(drone, sat, labels, crop_units=(1, 1))
     plain = small_model(irn=False, muml=False).forward_train(drone, sat, labels)
-    assert (
-        plain.drone_crops is None and plain.crop_units == () and plain.drone.reconstruction is None
-    )
+    assert plain.drone_crops is None and plain.crop_units == ()
+    assert plain.drone.reconstruction is None
+    # the IRN decodes only the reconstructions in use: the B drone images, or all 2B
+    rows: list[int] = []
+    model.irn.register_forward_pre_hook(lambda m, a: rows.append(len(a[0].maps[3])))
+    with torch.no_grad():
+        model.forward_train(drone, sat, labels)
+        model.forward_train(drone, sat, labels, reconstruct_satellite=True)
+    assert rows == [4, 8]
 
 
 def test_a_few_steps_reduce_every_loss_part():
@@ -425,11 +435,18 @@ def test_meta_round_trips_and_old_configs_load(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     loaded = IMLNet.from_pretrained(folder)
     assert loaded.meta == {} and loaded.input_size() == 256
+    # written before muml_head existed: the heads were the paper's, at each unit's resolution
+    folder = small_model(irn=False, muml_head="paper").save_pretrained(tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["muml_head"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert IMLNet.from_pretrained(folder).config["muml_head"] == "paper"
 
 
 # --------------------------------------------------------------------------- arguments, imports
 def test_invalid_arguments_are_rejected():
-    for kwargs in ({"radius": 0.0}, {"pool": "max"}, {"theta": 1.0}, {"crop_padding": -0.1}):
+    bad = ({"radius": 0.0}, {"pool": "max"}, {"theta": 1.0}, {"crop_padding": -0.1})
+    for kwargs in (*bad, {"muml_head": "wide"}):
         with pytest.raises(ValueError):
             small_model(irn=False, muml=False, **kwargs)
     with pytest.raises(ValueError, match="triplet"):

@@ -78,6 +78,24 @@ def test_unit_head_reduces_only_wide_units_and_pools_before_the_classifier():
         torch.testing.assert_close(maps.mean(dim=(1, 2)) + wide.classifier.bias[c], logits[:, c])
 
 
+def test_pooled_head_pools_reduces_then_convolves():
+    """pool=4, width=8: avg-pool 4x4, linear 1x1 to 8 channels, conv3x3 -> BN -> ELU."""
+    torch.manual_seed(0)
+    head = UnitHead(32, 16, 5, pool=4, width=8).eval()
+    assert head.reduce.weight.shape == (8, 32, 1, 1) and head.conv.weight.shape == (16, 8, 3, 3)
+    x = torch.randn(2, 32, 16, 12)
+    fmap, logits = head(x)
+    pooled = x.reshape(2, 32, 4, 4, 3, 4).mean(dim=(3, 5))  # 4x4 blocks, by hand
+    reduced = F.conv2d(pooled, head.reduce.weight)
+    ref = F.elu(head.bn(F.conv2d(reduced, head.conv.weight, None, 1, 1)))
+    torch.testing.assert_close(fmap, ref)
+    torch.testing.assert_close(logits, head.classifier(ref.mean(dim=(2, 3))))
+    # a unit narrower than the width is not reduced
+    assert isinstance(UnitHead(4, 16, 5, pool=2, width=8).reduce, torch.nn.Identity)
+    with pytest.raises(ValueError, match="pool"):
+        UnitHead(4, 16, 5, pool=0)
+
+
 def test_cam_equals_a_plain_loop():
     g = torch.Generator().manual_seed(1)
     fmap = torch.randn(3, 5, 4, 6, generator=g)

@@ -331,7 +331,7 @@ def _check(cli, want: dict[str, dict]) -> None:
 
 def test_every_config_is_covered() -> None:
     assert CONFIGS == ["demo.yaml", "sues200.yaml", "university1652.yaml"]
-    assert ROWS == ["baseline", "drcl", "full", "infonce", "irn", "muml"]
+    assert ROWS == ["baseline", "drcl", "full", "infonce", "irn", "muml", "paper_heads"]
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -349,9 +349,12 @@ def test_ablation_rows(row: str, synth: Path, tmp_path: Path) -> None:
         cli = _load(files, synth, tmp_path)
         _check(cli, _expected(files))
         model = cli.model
-        assert model.model.irn_enabled == (row in ("irn", "full", "infonce"))
-        assert model.model.muml_enabled == (row in ("muml", "full", "infonce"))
-        triplet = {"drcl": "drcl", "full": "drcl", "infonce": "infonce"}.get(row, "none")
+        full = ("full", "infonce", "paper_heads")
+        assert model.model.irn_enabled == (row in ("irn", *full))
+        assert model.model.muml_enabled == (row in ("muml", *full))
+        assert model.model.config["muml_head"] == ("paper" if row == "paper_heads" else "pooled")
+        triplet = {"drcl": "drcl", "full": "drcl", "paper_heads": "drcl", "infonce": "infonce"}
+        triplet = triplet.get(row, "none")
         assert model.objective.triplet == triplet
         assert (model.objective.infonce is not None) == (row == "infonce")
         # the row changes only its switches: the base's recipe stays

@@ -19,7 +19,7 @@ from imlnet.losses.mutual import classifier_loss, mutual_crop_loss
 from imlnet.losses.reconstruction import reconstruction_loss
 
 if TYPE_CHECKING:
-    from imlnet.models.imlnet import TrainOutput
+    from imlnet.models.outputs import TrainOutput
 
 Triplet = Literal["drcl", "plain", "infonce", "none"]
 TRIPLETS = ("drcl", "plain", "infonce", "none")

@@ -11,7 +11,7 @@ runs from this one class (docs/method.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,72 +21,12 @@ from torch import nn
 from imlnet.losses.drcl import to_sphere
 from imlnet.models.backbone import UnitBackbone, UnitFeatures
 from imlnet.models.irn import IRNDecoder
-from imlnet.models.muml import CROP_NAMES, UnitHead, crop_resize, unit_attention
+from imlnet.models.muml import CROP_NAMES, build_heads, crop_resize, unit_attention
+from imlnet.models.outputs import IMLNetOutput, TrainOutput
 from imlnet.models.persistence import load_model, save_model
 from imlnet.models.pooling import AvgPool, GeM
 
 Domain = Literal["drone", "satellite"]
-
-
-@dataclass
-class IMLNetOutput:
-    """What one forward pass gives.
-
-    Attributes:
-        descriptor: ``(B, D)`` on the sphere of radius ``r``: what retrieval and DRCL use.
-        embedding: ``(B, D)`` the bottleneck feature before normalisation (plain triplet, id).
-        logits: ``(B, num_classes)`` of the descriptor classifier.
-        unit_logits: four ``(B, num_classes)`` of the MUML unit classifiers (empty without MUML).
-        unit_maps: the four head maps ``F_i`` ``(B, C', h_i, w_i)``, the CAMs' input (empty
-            without MUML).
-        reconstruction: ``(B, 3, H, W)`` from the IRN, or None (no IRN, or not asked for).
-    """
-
-    descriptor: torch.Tensor
-    embedding: torch.Tensor
-    logits: torch.Tensor
-    unit_logits: tuple[torch.Tensor, ...] = ()
-    unit_maps: tuple[torch.Tensor, ...] = ()
-    reconstruction: torch.Tensor | None = None
-
-    def split(self, n: int) -> tuple[IMLNetOutput, IMLNetOutput]:
-        """The output of a batch ``cat([a, b])`` as the outputs of ``a`` (``n`` rows) and ``b``."""
-        halves = []
-        for part in (slice(0, n), slice(n, None)):
-            rec = None if self.reconstruction is None else self.reconstruction[part]
-            halves.append(
-                replace(
-                    self,
-                    descriptor=self.descriptor[part],
-                    embedding=self.embedding[part],
-                    logits=self.logits[part],
-                    unit_logits=tuple(u[part] for u in self.unit_logits),
-                    unit_maps=tuple(m[part] for m in self.unit_maps),
-                    reconstruction=rec,
-                )
-            )
-        return halves[0], halves[1]
-
-
-@dataclass
-class TrainOutput:
-    """Everything the losses of one training step need (:meth:`IMLNet.forward_train`).
-
-    Attributes:
-        drone: output of the ``B`` drone images (with the IRN's reconstruction when it exists).
-        satellite: output of the ``B`` satellite images (reconstruction only when asked for).
-        crop_units: 0-based units whose MUML crops were taken (empty without MUML).
-        drone_crops: output of the drone crops, ``(len(crop_units) + 1) * B`` rows: the crops of
-            each unit in ``crop_units`` order, then the crops of the combined map; no
-            reconstruction. None without MUML.
-        satellite_crops: the same for the satellite images.
-    """
-
-    drone: IMLNetOutput
-    satellite: IMLNetOutput
-    crop_units: tuple[int, ...] = ()
-    drone_crops: IMLNetOutput | None = None
-    satellite_crops: IMLNetOutput | None = None
 
 
 def _init_like_baseline(bottleneck: nn.Sequential, classifier: nn.Linear) -> None:
@@ -117,6 +57,10 @@ class IMLNet(nn.Module):
         irn: build the IRN decoder (reconstruction).
         muml: build the four unit heads (unit classifiers, CAMs, crops).
         muml_channels: C' of the unit heads.
+        muml_head: ``"pooled"``: each unit map is average-pooled to the last unit's grid
+            (H/16) and reduced to C'/4 channels before the head's 3x3 convolution (a small
+            fraction of the cost; docs/method.md); ``"paper"``: the 3x3 convolution at the
+            unit's own resolution (H/2 .. H/16), the paper's formula read literally.
         theta: threshold of the normalised CAMs, in [0, 1).
         crop_padding: padding of a crop box, as a fraction of its size per side.
         dropout: before the descriptor classifier (the baseline's 0.5).
@@ -134,6 +78,7 @@ class IMLNet(nn.Module):
         irn: bool = True,
         muml: bool = True,
         muml_channels: int = 512,
+        muml_head: Literal["pooled", "paper"] = "pooled",
         theta: float = 0.5,
         crop_padding: float = 0.1,
         dropout: float = 0.5,
@@ -149,6 +94,8 @@ class IMLNet(nn.Module):
             raise ValueError(f"theta must be in [0, 1), got {theta}")
         if crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        if muml_head not in ("pooled", "paper"):
+            raise ValueError(f"muml_head must be 'pooled' or 'paper', got {muml_head!r}")
         if descriptor_dim < 1 or muml_channels < 1:
             raise ValueError("descriptor_dim and muml_channels must be >= 1")
         self._config: dict[str, Any] = {
@@ -162,6 +109,7 @@ class IMLNet(nn.Module):
             "irn": irn,
             "muml": muml,
             "muml_channels": int(muml_channels),
+            "muml_head": muml_head,
             "theta": float(theta),
             "crop_padding": float(crop_padding),
             "dropout": float(dropout),
@@ -189,11 +137,8 @@ class IMLNet(nn.Module):
         self.classifier = nn.Linear(descriptor_dim, num_classes)
         _init_like_baseline(self.bottleneck, self.classifier)
         self.irn = IRNDecoder(channels) if irn else None
-        self.heads = (
-            nn.ModuleList(UnitHead(c, muml_channels, num_classes) for c in channels)
-            if muml
-            else None
-        )
+        info = self._encoder("drone").feature_info
+        self.heads = build_heads(info, muml_channels, num_classes, muml_head) if muml else None
 
     # ----------------------------------------------------------------- structure
     @property
@@ -233,14 +178,15 @@ class IMLNet(nn.Module):
         return to_sphere(embedding, self.radius), embedding
 
     def forward(
-        self, x: torch.Tensor, domain: Domain = "drone", reconstruct: bool | None = None
+        self, x: torch.Tensor, domain: Domain = "drone", reconstruct: bool | slice | None = None
     ) -> IMLNetOutput:
         """``(B, 3, H, W)`` images of one domain (H, W divisible by 32) -> :class:`IMLNetOutput`.
 
         Args:
             x: normalised images.
             domain: which encoder (when ``share_weights=False``).
-            reconstruct: run the IRN decoder; default: whenever it exists.
+            reconstruct: run the IRN decoder; default: whenever it exists. A slice decodes only
+                those rows (the reconstruction then has only them).
         """
         units = self._encoder(domain).forward_units(x)
         descriptor, embedding = self.descriptor_head(units.maps[3])
@@ -252,7 +198,10 @@ class IMLNet(nn.Module):
             unit_maps = tuple(p[0] for p in pairs)
             unit_logits = tuple(p[1] for p in pairs)
         rec = None
-        if self.irn is not None and (reconstruct is None or reconstruct):
+        if self.irn is not None and reconstruct is not False:
+            if isinstance(reconstruct, slice):
+                maps = tuple(m[reconstruct] for m in units.maps)
+                units = UnitFeatures(maps, units.pool_indices[reconstruct], units.pre_pool_size)
             rec = self.irn(units)
         return IMLNetOutput(descriptor, embedding, logits, unit_logits, unit_maps, rec)
 
@@ -366,19 +315,26 @@ class IMLNet(nn.Module):
         separate passes would normalise each domain with its own batch statistics in training
         but with the running mixture of both at evaluation, a train/test mismatch that costs
         retrieval accuracy (a tiny model overfitting three buildings stalls at 89 % R@1 with it,
-        100 % without: tests/test_training.py).
+        100 % without: tests/test_training.py). The IRN decodes only the rows whose
+        reconstruction is asked for (the drone images, unless the satellite autoencoding target
+        is on), and its batch norm sees only them.
         """
         if self.encoder is None:  # one encoder per domain
             return (
                 self(drone, "drone", reconstruct=rec_drone),
                 self(satellite, "satellite", reconstruct=rec_satellite),
             )
-        out = self(torch.cat([drone, satellite]), "drone", reconstruct=rec_drone or rec_satellite)
-        out_d, out_s = out.split(drone.shape[0])
-        if not rec_drone:
-            out_d = replace(out_d, reconstruction=None)
-        if not rec_satellite:
-            out_s = replace(out_s, reconstruction=None)
+        n = drone.shape[0]
+        rows: slice | bool = (rec_drone or rec_satellite) and slice(
+            0 if rec_drone else n, None if rec_satellite else n
+        )
+        out = self(torch.cat([drone, satellite]), "drone", reconstruct=rows)
+        rec = out.reconstruction
+        out_d, out_s = replace(out, reconstruction=None).split(n)
+        if rec_drone:
+            out_d = replace(out_d, reconstruction=rec[:n])
+        if rec_satellite:
+            out_s = replace(out_s, reconstruction=rec[-n:])
         return out_d, out_s
 
     # ----------------------------------------------------------------- persistence

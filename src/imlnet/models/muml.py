@@ -26,32 +26,73 @@ CROP_NAMES = ("unit1", "unit2", "unit3", "unit4", "combined")
 
 
 class UnitHead(nn.Module):
-    """``f_i`` and its classifier: ``(B, C_i, h, w)`` -> map ``(B, C', h, w)``, logits ``(B, N)``.
+    """``f_i`` and its classifier: ``(B, C_i, h, w)`` -> map ``(B, C', h / p, w / p)``, logits.
 
-    When ``C_i > C'`` a linear 1x1 convolution reduces the channels first (cheaper; the head is
-    then still one factorised conv3x3 -> BN -> ELU, as in the paper).
+    ``[avg-pool p x p] -> [linear 1x1: C_i -> W when C_i > W] -> conv3x3(-> C') -> BN -> ELU``,
+    then global average pooling and a linear classifier (so the map is a class activation map).
+    With ``pool=1, width=C'`` this is the paper's head at the unit's resolution (the 1x1 only
+    where the unit is wider than C'). The pooled, narrower form (``IMLNet(muml_head="pooled")``)
+    costs a fraction of it; see docs/method.md.
 
     Args:
         in_channels: C_i of the unit map.
         channels: C' of the head's map (the CAM's channels).
         num_classes: N training buildings.
+        pool: average-pooling factor applied to the unit map first (1: none).
+        width: input channels of the 3x3 convolution (default C'); a wider unit map is reduced
+            to it by a linear 1x1 convolution.
     """
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_classes: int,
+        pool: int = 1,
+        width: int | None = None,
+    ) -> None:
         super().__init__()
-        reduce = in_channels > channels
-        self.reduce = nn.Conv2d(in_channels, channels, 1, bias=False) if reduce else nn.Identity()
-        self.conv = nn.Conv2d(
-            channels if reduce else in_channels, channels, 3, padding=1, bias=False
-        )
+        if pool < 1:
+            raise ValueError(f"pool must be >= 1, got {pool}")
+        width = channels if width is None else int(width)
+        self.pool = int(pool)
+        reduce = in_channels > width
+        self.reduce = nn.Conv2d(in_channels, width, 1, bias=False) if reduce else nn.Identity()
+        self.conv = nn.Conv2d(width if reduce else in_channels, channels, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(channels)
         self.act = nn.ELU(inplace=True)
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit map -> (head map ``F_i``, logits of its globally average-pooled vector)."""
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool)
         fmap = self.act(self.bn(self.conv(self.reduce(x))))
         return fmap, self.classifier(fmap.mean(dim=(2, 3)))
+
+
+def build_heads(
+    feature_info: Sequence[dict], channels: int, num_classes: int, kind: str = "pooled"
+) -> nn.ModuleList:
+    """The four MUML heads for an encoder's units (``UnitBackbone.feature_info``).
+
+    Args:
+        feature_info: per unit, ``num_chs`` and ``reduction`` (2, 4, 8, 16).
+        channels: C'; num_classes: N.
+        kind: ``"paper"``: each head at its unit's resolution, 3x3 input width C';
+            ``"pooled"``: each unit map average-pooled to the last unit's grid and reduced to
+            C'/4 channels before the 3x3 convolution.
+    """
+    if kind == "paper":
+        return nn.ModuleList(
+            UnitHead(int(f["num_chs"]), channels, num_classes) for f in feature_info
+        )
+    last = int(feature_info[-1]["reduction"])
+    width = max(1, channels // 4)
+    return nn.ModuleList(
+        UnitHead(int(f["num_chs"]), channels, num_classes, last // int(f["reduction"]), width)
+        for f in feature_info
+    )
 
 
 def cam(unit_map: torch.Tensor, weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,8 @@ def load_model(
     meta = config.pop("meta", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f'{config_file}: "meta" must be an object, got {meta!r}')
+    # written before the pooled MUML head existed: those models have the paper's head
+    config.setdefault("muml_head", "paper")
     try:
         model = cls(**config)
     except (TypeError, ValueError) as err:
