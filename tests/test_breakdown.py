@@ -129,3 +129,4 @@ def test_report_writes_json_and_png(tmp_path):
     assert (tmp_path / "rep" / "breakdown.json").is_file()
     assert (tmp_path / "rep" / "breakdown.png").stat().st_size > 1000
     assert report["table"].startswith("drone->satellite, by season")
+    assert report["order"]["season"] == ["summer", "autumn", "winter"]

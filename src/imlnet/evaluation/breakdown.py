@@ -326,17 +326,25 @@ def breakdown_report(
     ``breakdown.png`` written there (atomically).
 
     Returns:
-        ``{"results": <breakdown>, "table": str, "files": [paths written]}``.
+        ``{"results": <breakdown>, "order": {field: [groups in display order]}, "table": str,
+        "files": [paths written]}``.
     """
     from imlnet.io import write_json
     from imlnet.viz import save_figure
 
     results = breakdown(views, conditions, fields, bins=bins, protocol=protocol, device=device)
-    report: dict[str, Any] = {"results": results, "table": format_breakdown(results), "files": []}
+    # JSON sorts keys: the display order of the groups is kept beside them
+    order = {name: list(next(iter(d.values()), {})) for name, d in results.items()}
+    report: dict[str, Any] = {
+        "results": results,
+        "order": order,
+        "table": format_breakdown(results),
+        "files": [],
+    }
     if out is not None:
         out = Path(out)
         write_json(out / "breakdown.json", {"protocol": protocol, "bins": dict(bins or {}),
-                                            "results": results})  # fmt: skip
+                                            "results": results, "order": order})  # fmt: skip
         save_figure(breakdown_figure(results), out / "breakdown.png")
         report["files"] = [str(out / "breakdown.json"), str(out / "breakdown.png")]
     return report
