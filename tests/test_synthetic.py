@@ -214,6 +214,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "full" / "x").write_text("x")
     assert cli_main(["synth", str(tmp_path / "full"), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["synth", str(tmp_path / "file"), "--quiet", "--locations", "2"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["synth", str(tmp_path / "o"), "--weather", "tornado=1"])
     cfg = G.SynthConfig(locations=2, views=2, size=32, scene=SMALL_SCENE)

@@ -150,6 +150,8 @@ def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
         ImlnetError: ``out`` exists, is not empty, and ``overwrite`` is False.
     """
     recover_staging(out)
+    if out.exists() and not out.is_dir():
+        raise ImlnetError(f"{out} is a file, not a folder; choose a folder for the output")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ImlnetError(
             f"{out} exists and is not empty; choose another folder or pass "
