@@ -59,6 +59,8 @@ def test_ends_are_held_and_empty_flights_give_none() -> None:
     kinds = [(p.kind, p.east_m) for p in fuse(frames)]
     assert kinds == [("held", 10.0), ("fix", 10.0), ("fix", 50.0), ("held", 50.0)]
     assert [p.kind for p in fuse([[], []])] == ["none", "none"]
+    far = [[Hypothesis(0.0, 0.0, 0.5)], [], [], []]
+    assert [p.kind for p in fuse(far, TrackConfig(max_gap=2))] == ["fix", "held", "held", "none"]
     assert fuse([]) == []
 
 

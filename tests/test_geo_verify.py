@@ -232,7 +232,7 @@ def test_a_flight_looks_near_its_last_fix_when_retrieval_misses(
     verifier = Verifier(VerifyConfig(fov_deg=55.0))
     alone = refine(results, verifier=verifier, sequence=True)
     assert [f.verified for f in alone] == [True, False]
-    assert [f.track.kind for f in alone] == ["fix", "fix"]  # type: ignore[union-attr]
+    assert [f.track.kind for f in alone] == ["fix", "held"]  # type: ignore[union-attr]
     guided = refine(results, verifier=verifier, sequence=True, gallery=gallery, prior_tiles=1)
     assert [f.verified for f in guided] == [True, True]
     assert guided[1].verification.tile_rank == 0  # type: ignore[union-attr]

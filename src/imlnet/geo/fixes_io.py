@@ -222,7 +222,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         "--verify", type=int, default=5, metavar="K",
         help="match the top K tiles geometrically (0: retrieval only; default 5)",
     )  # fmt: skip
-    g.add_argument("--min-inliers", type=int, default=VerifyConfig.min_inliers)
+    g.add_argument(
+        "--min-inliers", type=int, default=VerifyConfig.min_inliers,
+        help="matches that must agree for a tile to verify (default 12)",
+    )  # fmt: skip
     g.add_argument("--fov-deg", type=float, help="camera's horizontal field of view (default 60)")
     g.add_argument(
         "--attitude",

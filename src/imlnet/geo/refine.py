@@ -4,16 +4,18 @@
 query, verifies the top-K tiles (:mod:`imlnet.geo.verify`): the aim point and the camera pose
 of the best verified tile, or the retrieval estimate flagged as a fallback. With ``sequence``
 the queries are grouped into flights (the images of one folder, in name order) and fused into a
-track (:mod:`imlnet.geo.track`) whose hypotheses per frame are
+track (:mod:`imlnet.geo.track`) whose hypotheses per frame are each verified candidate's aim
+point, cost ``-log(n / (n + min_inliers))`` (``n`` inliers). With verification off they are the
+retrieved tiles' centres instead, cost ``RETRIEVAL_COST + 0.5 * (rank - 1)``. The two are not
+mixed: a right tile's centre is still tens of metres off, and on the synthetic world an
+untrained model's favourite tiles formed a chain consistent enough with the motion that the
+track followed it past verified fixes 200 m away. A frame the track cannot place (no fix within
+``max_gap`` frames) keeps its own estimate (``track_kind = "own"``).
 
-- each verified candidate's aim point, cost ``-log(n / (n + min_inliers))`` (``n`` inliers),
-- each retrieved tile's centre, cost ``RETRIEVAL_COST + 0.5 * (rank - 1)``,
-
-so that a verified match outweighs retrieval, and retrieval still carries frames that
-verification could not match when it agrees with the motion. In a flight, once a frame has
-verified, the next frames are also matched against the ``prior_tiles`` gallery tiles nearest
-to that fix (``rank`` 0 in ``candidates.csv``): a drone that knows where it was looks there
-first, whatever the retrieval says; this is what lets a weak retrieval model still track.
+In a flight, once a frame has verified, the next frames are also matched against the
+``prior_tiles`` gallery tiles nearest to that fix (``rank`` 0 in ``candidates.csv``): a drone
+that knows where it was looks there first, whatever the retrieval says; this is what lets a
+weak retrieval model still track.
 
 Truth: the truth CSV's ``lat, lon`` are the aim point (``imlnet synth --world``); optional
 columns ``cam_lat, cam_lon, cam_height_m`` (or ``camera_lat, camera_lon, camera_alt_m``) give
@@ -214,6 +216,9 @@ def refine(
                 for f, r in zip(members, _results_of(members, results), strict=True)
             ]
             for f, point in zip(members, track_latlon(hyps, track), strict=True):
+                if point.kind == "none":  # nothing near enough: the frame's own estimate
+                    cam = f.camera or (None, None)
+                    point = FrameFix(f.aim_lat, f.aim_lon, "own", None, *cam)
                 f.track = point
     for f in fixes:
         _measure(f)
@@ -250,6 +255,7 @@ def _hypotheses(fix: Fix, result: Any, min_inliers: int) -> list[LatLonHypothesi
             if c.verified and c.aim_lat is not None and c.aim_lon is not None:
                 cost = -math.log(c.inliers / (c.inliers + min_inliers))
                 hyps.append((c.aim_lat, c.aim_lon, cost, c.camera_lat, c.camera_lon))
+        return hyps
     for hit in result.hits:
         cost = RETRIEVAL_COST + 0.5 * (int(hit.get("rank", 1)) - 1)
         hyps.append((float(hit["lat"]), float(hit["lon"]), cost, None, None))

@@ -77,7 +77,8 @@ class TrackPoint:
         north_m: north, metres.
         pick: index of the picked hypothesis, None when interpolated or held.
         kind: ``"fix"`` (picked), ``"interpolated"`` (between picks), ``"held"`` (before the
-            first or after the last pick), ``"none"`` (no pick in the whole flight).
+            first or after the last pick, at most ``max_gap`` frames away), ``"none"`` (no pick
+            near enough).
         camera: camera position, picked or interpolated, if known.
     """
 
@@ -146,7 +147,9 @@ def fuse(
     frames: Sequence[Sequence[Hypothesis]], cfg: TrackConfig | None = None
 ) -> list[TrackPoint]:
     """Run :func:`viterbi` and fill the skipped frames by linear interpolation (in frame
-    index) between the picks around them, or by holding the first/last pick at the ends."""
+    index) between the picks around them, or by holding the first/last pick at the ends for
+    at most ``max_gap`` frames (further out: ``"none"``)."""
+    cfg = cfg or TrackConfig()
     picks = viterbi(frames, cfg)
     fixed = [t for t, p in enumerate(picks) if p is not None]
     if not fixed:
@@ -161,6 +164,9 @@ def fuse(
         before = next((s for s in reversed(fixed) if s < t), None)
         if before is None or after is None:
             s = after if before is None else before
+            if abs(s - t) > cfg.max_gap:  # too far from any pick to say where the drone is
+                out.append(TrackPoint(math.nan, math.nan, None, "none"))
+                continue
             h = frames[s][picks[s]]  # type: ignore[index]
             out.append(TrackPoint(h.east_m, h.north_m, None, "held", h.camera))
             continue

@@ -189,6 +189,13 @@ class Verifier:
         pairs = (self._matcher if small else self._flann).knnMatch(query.desc, ref.desc, k=2)
         ratio = self.cfg.ratio_rectified if similarity else self.cfg.ratio
         good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < ratio * p[1].distance]
+        # One query keypoint per map keypoint (the closest): many-to-one matches let a fit
+        # collapse the view onto a single map point and count every one of them as an inlier.
+        best: dict[int, cv2.DMatch] = {}
+        for m in good:
+            if m.trainIdx not in best or m.distance < best[m.trainIdx].distance:
+                best[m.trainIdx] = m
+        good = sorted(best.values(), key=lambda m: m.queryIdx)
         src = query.pts[[m.queryIdx for m in good]].reshape(-1, 2)
         dst = ref.pts[[m.trainIdx for m in good]].reshape(-1, 2)
         self.last_pairs = (src, dst)
