@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from imlnet.checkpoints import READ_ERRORS, read_error, use_atomic_checkpoints
 from imlnet.evaluation import evaluate_views
 from imlnet.inference import embed, view_domain
 from imlnet.losses import IMLNetObjective
@@ -228,6 +229,10 @@ class IMLNetModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ checkpoints
+    def setup(self, stage: str) -> None:
+        # before any checkpoint is read or written: atomic saves, one-line read errors
+        use_atomic_checkpoints(self.trainer)
+
     def configure_callbacks(self) -> list[Callback]:
         return [ExportBest(self.hparams.monitor, self.hparams.export_dir)]
 
@@ -302,6 +307,14 @@ class IMLNetCLI(LightningCLI):
         parser.link_arguments(
             "data.num_classes", "model.model.init_args.num_classes", apply_on="instantiate"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path first (weights_only) for its hyperparameters
+        try:
+            super()._parse_ckpt_path()
+        except READ_ERRORS as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise read_error(path, err) from err
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> IMLNetCLI:

@@ -18,6 +18,7 @@ missing file raises :class:`~imlnet.errors.WeightsNotFoundError` naming where to
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +89,23 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and safetensors errors have no common base class
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():  # a damaged file, not a refused one
+            first = next((line for line in str(err).splitlines() if line.strip()), "")
+            raise CheckpointError(
+                f"{path}: cannot read the weights file ({first.strip()}); it must be a state "
+                "dict saved with torch.save or safetensors"
+            ) from err
         raise CheckpointError(
-            f"cannot read weights file {path} ({type(err).__name__}: {err}); it must be a "
-            "state dict saved with torch.save or safetensors"
+            f"{path}: refused: the weights file holds pickled Python objects besides tensors, "
+            "which could run code when loaded, so it was not loaded; use a plain state dict "
+            "(torch.save(model.state_dict())) or a .safetensors file"
+        ) from err
+    except Exception as err:  # zip and safetensors errors have no common base class
+        first = next((line for line in str(err).splitlines() if line.strip()), "")
+        raise CheckpointError(
+            f"{path}: cannot read the weights file ({type(err).__name__}: {first.strip()}); "
+            "it must be a state dict saved with torch.save or safetensors"
         ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

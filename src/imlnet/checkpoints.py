@@ -1,0 +1,169 @@
+"""Lightning checkpoints written atomically and read without running code from the file.
+
+Lightning's own :class:`~lightning.fabric.plugins.io.torch_io.TorchCheckpointIO` serialises a
+checkpoint into memory and writes it through an fsspec "transaction": a temporary file made
+by :func:`tempfile.mkstemp` in ``$TMPDIR``, moved over the target at the end with
+:func:`shutil.move`. When ``$TMPDIR`` is on another file system than the checkpoint folder (a
+tmpfs ``/tmp``, a node-local scratch disk beside a network home), that move is a copy into the
+target, so a kill during it leaves a truncated ``last.ckpt``; and every killed save leaves a
+checkpoint-sized file behind in ``$TMPDIR``. :class:`AtomicCheckpointIO` writes the checkpoint
+beside its target (``.last.ckpt.<random>.tmp``), syncs it and renames it over the target: a
+kill at any moment leaves the previous checkpoint or the new one, whole. A kill leaves at most
+one temporary file, removed by the next save into that folder.
+
+Reading: ``torch.load(weights_only=True)`` always (Lightning passes ``weights_only=False`` for
+a URL), and every way a checkpoint can be unreadable (missing, truncated, not a checkpoint, a
+pickle carrying code) becomes one :class:`~imlnet.errors.CheckpointError` naming the file.
+
+:func:`use_atomic_checkpoints` installs it on a trainer; the IML-Net module does so in its
+``setup`` hook, so every ``Trainer`` that trains it (the CLI, the demo, scripts) gets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from imlnet.errors import CheckpointError
+from imlnet.io import atomic_write
+
+__all__ = ["READ_ERRORS", "AtomicCheckpointIO", "read_error", "use_atomic_checkpoints"]
+
+
+def _is_local(path: str | os.PathLike[str]) -> bool:
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
+
+
+def _local(path: str | os.PathLike[str]) -> Path:
+    text = str(path)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+#: a temporary file of :func:`imlnet.io.atomic_write` for a checkpoint: ``.NAME.ckpt.XXXXXXXX.tmp``
+_LEFTOVER = re.compile(r"^\..+\.ckpt\.[a-z0-9_]{8}\.tmp$")
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Remove the temporary checkpoint files that killed saves left in ``folder``.
+
+    One process writes a run's checkpoints (rank 0 under DDP), one at a time, so a temporary
+    file present before a save is a leftover of a run that was killed.
+    """
+    if not folder.is_dir():
+        return
+    for entry in os.scandir(folder):
+        if _LEFTOVER.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+#: what ``torch.load`` raises for a file that is missing, truncated, not a checkpoint or refused
+READ_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    OSError,
+    ValueError,
+)
+
+
+def read_error(path: Any, err: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint ``torch.load`` could not or would not read.
+
+    Args:
+        path: the checkpoint file.
+        err: one of :data:`READ_ERRORS`.
+    """
+    if isinstance(err, FileNotFoundError):
+        return CheckpointError(
+            f"{path}: checkpoint not found; check the path given to --ckpt_path "
+            "(or pass --ckpt_path last to resume from the last checkpoint)"
+        )
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        return CheckpointError(
+            f"{path}: refused: the file holds pickled Python objects besides tensors, "
+            "which could run code when loaded, so it was not loaded; resume only from "
+            "checkpoints written by imlnet fit"
+        )
+    return CheckpointError(
+        f"{path}: cannot read the checkpoint ({_first_line(err)}); the file is truncated or "
+        "not a Lightning checkpoint: resume from another one (the checkpoint folder keeps "
+        "last.ckpt and the best ones)"
+    )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """:class:`TorchCheckpointIO` with atomic local writes and one-line read errors.
+
+    Remote paths (``s3://``, ...) are written by Lightning's own code, whose object stores
+    publish an upload whole.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to a temporary file beside ``path``, sync it, rename it.
+
+        Raises:
+            TypeError: ``storage_options`` given (as :class:`TorchCheckpointIO`).
+        """
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = _local(path)
+        _remove_leftovers(target.parent)
+        with atomic_write(target, "wb") as handle:
+            torch.save(checkpoint, handle)
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint with ``weights_only=True`` unless the caller asks otherwise.
+
+        Raises:
+            CheckpointError: the file is missing, truncated, not a checkpoint, or holds
+                pickled objects other than tensors and plain containers (refused unread:
+                nothing in it runs). One line naming the file.
+        """
+        safe = True if weights_only is None else weights_only
+        try:
+            checkpoint = super().load_checkpoint(path, map_location, weights_only=safe)
+        except READ_ERRORS as err:
+            raise read_error(path, err) from err
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise CheckpointError(
+                f"{path}: not a Lightning checkpoint (no state_dict); pass a .ckpt written "
+                "by imlnet fit"
+            )
+        return checkpoint
+
+
+def use_atomic_checkpoints(trainer: L.Trainer) -> None:
+    """Give ``trainer`` an :class:`AtomicCheckpointIO` unless it was given another plugin.
+
+    Only Lightning's default :class:`TorchCheckpointIO` is replaced; a checkpoint plugin
+    chosen in a config (asynchronous, sharded, remote) is kept as it is.
+    """
+    strategy = trainer.strategy
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
