@@ -9,7 +9,34 @@ from __future__ import annotations
 
 
 class ImlnetError(Exception):
-    """Base class of every error imlnet raises for bad input."""
+    """Base class of every error imlnet raises for bad input.
+
+    Raised in a DataLoader worker process (an image decoded by a dataset, in ``imlnet fit``,
+    ``evaluate``, ``index``, ...), the error reaches the main process rebuilt by torch from its
+    class and a message that starts ``Caught <class> in DataLoader worker process N.`` and
+    carries the worker's whole traceback. The constructor recognises that message and keeps
+    only the original one, so that the command line still prints one line.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_unwrap_worker_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _unwrap_worker_message(message: str, cls: type) -> str:
+    """The original message inside torch's worker re-raise text, else ``message`` itself.
+
+    torch (``torch._utils.ExceptionWrapper.reraise``) builds ``"Caught {name} {where}.\n
+    Original {traceback}"``; the traceback's last entry is ``"{module}.{qualname}: {message}"``.
+    """
+    if not message.startswith(f"Caught {cls.__name__} in DataLoader worker process"):
+        return message
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    at = message.rfind(marker)
+    if at < 0:
+        return message
+    return message[at + len(marker) :].strip()
 
 
 class DatasetLayoutError(ImlnetError, ValueError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from PIL import Image
 
 from imlnet import inference
 from imlnet.cliargs import add_common, resolve_device
-from imlnet.errors import CheckpointError, GeoError, ImageReadError
+from imlnet.errors import CheckpointError, GeoError
 from imlnet.geo.gallery import (
     DEFAULT_PARAMS,
     INDEX_FILE,
@@ -76,53 +76,6 @@ def checkpoint_hash(checkpoint: str | Path) -> str:
 
 
 # -- embedding ----------------------------------------------------------------------------
-class _ImageFiles(torch.utils.data.Dataset):
-    """Image files read by :func:`imlnet.inference.read_image`, through ``transform``.
-
-    A file that cannot be read gives its one-line message instead of a tensor, so that the
-    error reaches the main process whole (an exception raised in a DataLoader worker comes
-    back with the worker's traceback inside its message).
-    """
-
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor]):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor | str:
-        try:
-            return self.transform(inference.read_image(self.paths[i]))
-        except ImageReadError as err:
-            return str(err)
-
-
-def _collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
-    errors = [item for item in items if isinstance(item, str)]
-    return errors[0] if errors else torch.stack(items)  # type: ignore[arg-type]
-
-
-class _Batches:
-    """The batches of :class:`_ImageFiles` for :func:`imlnet.inference.embed` (sized, so that
-    the progress bar has a total); a file that cannot be read raises its ImageReadError."""
-
-    def __init__(self, paths: Sequence[Path], transform: Any, batch_size: int, workers: int):
-        self.count = len(paths)
-        self.loader = torch.utils.data.DataLoader(
-            _ImageFiles(paths, transform),
-            batch_size=max(1, int(batch_size)),
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=_collate,
-        )
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self.loader:
-            if isinstance(batch, str):
-                raise ImageReadError(batch)
-            yield batch
-
-
 def embed_images(
     encode: Callable[[torch.Tensor], torch.Tensor],
     paths: Sequence[str | Path],
@@ -152,9 +105,17 @@ def embed_images(
     Raises:
         ImageReadError: an image is missing or cannot be decoded (one line naming it).
     """
-    batches = _Batches([Path(p) for p in paths], transform, batch_size, num_workers)
     out = inference.embed(
-        encode, batches, "satellite", flip=False, device=device, progress=progress, desc=desc
+        encode,
+        [Path(p) for p in paths],
+        "satellite",
+        flip=False,
+        batch_size=max(1, int(batch_size)),
+        workers=num_workers,
+        device=device,
+        transform=transform,
+        progress=progress,
+        desc=desc,
     )
     return out.numpy()
 
