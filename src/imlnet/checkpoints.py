@@ -11,9 +11,10 @@ beside its target (``.last.ckpt.<random>.tmp``), syncs it and renames it over th
 kill at any moment leaves the previous checkpoint or the new one, whole. A kill leaves at most
 one temporary file, removed by the next save into that folder.
 
-Reading: ``torch.load(weights_only=True)`` always (Lightning passes ``weights_only=False`` for
-a URL), and every way a checkpoint can be unreadable (missing, truncated, not a checkpoint, a
-pickle carrying code) becomes one :class:`~imlnet.errors.CheckpointError` naming the file.
+Reading: ``torch.load(weights_only=True)`` unless a caller passes ``weights_only=False``
+explicitly (Lightning's own reader passes False for a URL when given nothing), and every way a
+checkpoint can be unreadable (missing, truncated, not a checkpoint, a pickle carrying code)
+becomes one :class:`~imlnet.errors.CheckpointError` naming the file.
 
 :func:`use_atomic_checkpoints` installs it on a trainer; the IML-Net module does so in its
 ``setup`` hook, so every ``Trainer`` that trains it (the CLI, the demo, scripts) gets it.
