@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,11 +25,12 @@ import yaml
 
 from imlnet.cli import main as cli_main
 from imlnet.data.datamodule import CrossViewDataModule
+from imlnet.data.folders import ViewDataset
 from imlnet.data.synthetic.generate import SynthConfig, generate
 from imlnet.data.synthetic.scene import SceneConfig
 from imlnet.errors import CheckpointError, ImageReadError
 from imlnet.models.imlnet import IMLNet
-from test_bad_files import MESSAGES, Payload, bad_images
+from test_bad_files import MESSAGES, Payload, _png_chunk, bad_images
 
 TINY_NET = {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 32}
 
@@ -257,3 +261,31 @@ def test_visualize_on_every_bad_image(
             _one_line(last, f"imlnet visualize: error: {target}: ", case, why)
         else:
             assert code == 0, (case, captured.err)
+
+
+def test_skipped_evaluation_images_on_every_bad_image(data: dict[str, Path]) -> None:
+    """``on_bad_image="skip"``: each unreadable query is a junk item (label -1, a black image),
+    with one warning naming it; a damaged file whose header claims 144 M pixels (under PIL's
+    bomb limit, so only a warning) gets a 256 x 256 placeholder, not 1.7 GB of zeros."""
+    huge = data["root"] / "huge.png"
+    header = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 2, 0, 0, 0)
+    huge.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+    files = {**data["cases"], "bad_huge_header": huge}
+    view = ViewDataset({"0001": list(files.values())}, "query_drone", on_bad_image="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [view[i] for i in range(len(view))]
+    for (case, path), item in zip(files.items(), items, strict=True):
+        if case.startswith("bad_"):
+            assert int(item["label"]) == -1 and float(item["image"].abs().sum()) == 0, case
+            said = [str(w.message) for w in caught if str(path) in str(w.message)]
+            assert said and said[0].startswith(f"skipping unreadable image {path}: "), case
+        else:
+            assert int(item["label"]) == 1 and item["image"].shape == (3, 32, 32), case
+    assert items[-1]["image"].shape == (3, 256, 256)
+    assert sorted(view.skipped) == sorted(str(p) for c, p in files.items() if c.startswith("bad_"))

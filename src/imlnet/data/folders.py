@@ -15,6 +15,7 @@ left out. ``verify_images()`` decodes everything up front for a full check.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from imlnet.data.seeding import derive_seed
 from imlnet.errors import DatasetLayoutError, ImageReadError
 
 Transform = Callable[[Tensor], Tensor]
+#: an unreadable image whose header claims more pixels gets a 256 x 256 placeholder (a header
+#: of a truncated file can claim up to PIL's bomb limit, 179 M pixels: 2 GB of zeros)
+_PLACEHOLDER_MAX_PIXELS = 4096 * 4096
 
 
 def _as_label(value: int) -> Tensor:
@@ -243,10 +247,14 @@ class ViewDataset(Dataset):
     def _placeholder(self, path: Path) -> Tensor:
         size = (256, 256)
         try:  # the header is often readable when the pixel data is not
-            with Image.open(path) as img:
-                size = img.size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    size = img.size
         except Exception:  # any failure: fall back to the default size
             pass
+        if size[0] * size[1] > _PLACEHOLDER_MAX_PIXELS:  # a damaged file's huge header
+            size = (256, 256)
         return torch.zeros(3, size[1], size[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
