@@ -7,7 +7,8 @@ Files (in the run's ``--out-dir``, written together after those of :mod:`imlnet.
 - ``candidates.csv``: one row per query and verified candidate tile: rank, inliers, aim point.
 - ``metrics.json``: MA@K / mean / median per estimate (see :func:`metrics`), latency.
 - ``results.geojson`` gains Points ``kind: "aim"``, ``"camera"``, ``"camera_truth"`` and per
-  flight LineStrings ``kind: "track"`` (aim points) and ``"camera_track"``.
+  flight LineStrings ``kind: "track"`` (aim points) and ``"camera_track"`` through the frames
+  the track placed (not those that kept their own estimate).
 - ``map.png``: :func:`imlnet.geo.mapping.draw_map`.
 """
 
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imlnet.errors import GeoError
 from imlnet.geo.pose import read_attitude
 from imlnet.geo.refine import MA_THRESHOLDS_M, Fix, PathMatcher, accuracy, read_camera_truth, refine
 from imlnet.geo.tables import csv_text
-from imlnet.geo.track import TrackConfig
+from imlnet.geo.track import PLACED, TrackConfig
 from imlnet.geo.verify import Verifier, VerifyConfig
 from imlnet.io import write_texts_atomically
 
@@ -112,7 +115,7 @@ def metrics(fixes: Sequence[Fix], *, seconds: Mapping[str, float] | None = None)
             out[name] = accuracy(errs, len(with_truth))
     heights = [f.height_error_m for f in fixes if f.height_error_m is not None]
     if heights:
-        out["median_height_error_m"] = sorted(heights)[len(heights) // 2]
+        out["median_height_error_m"] = float(np.median(heights))
     verify_s = [f.verification.seconds for f in fixes if f.verification is not None]
     if verify_s:
         out["verify_s_per_query"] = sum(verify_s) / len(verify_s)
@@ -150,21 +153,20 @@ def geojson_features(fixes: Sequence[Fix]) -> list[dict[str, Any]]:
         v = f.verification
         if v is not None:
             props = {"kind": "aim", "image": f.image, "verified": f.verified, "note": v.note}
-            props.update(
-                inliers=v.inliers, confidence=v.confidence, error_m=_blank(f.aim_error_m) or None
-            )
+            props.update(inliers=v.inliers, confidence=v.confidence, error_m=f.aim_error_m)
             point(f.aim_lat, f.aim_lon, props)
         if f.camera is not None and v is not None and v.pose is not None:
             p = v.pose
             props = {"kind": "camera", "image": f.image, "height_m": p.height_m}
             props.update(heading_deg=p.heading_deg, pitch_deg=p.pitch_deg, roll_deg=p.roll_deg)
-            props["error_m"] = _blank(f.camera_error_m) or None
+            props["error_m"] = f.camera_error_m
             point(*f.camera, props)
         if f.true_camera is not None:
             point(f.true_camera[0], f.true_camera[1], {"kind": "camera_truth", "image": f.image})
     for flight in dict.fromkeys(f.flight for f in fixes if f.track is not None):
         members = sorted(
-            (f for f in fixes if f.flight == flight and f.track), key=lambda f: f.image
+            (f for f in fixes if f.flight == flight and f.track and f.track.kind in PLACED),
+            key=lambda f: f.image,
         )
         for kind, pts in (
             ("track", [(f.track.lon, f.track.lat) for f in members]),  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ from imlnet.errors import GeoError
 from imlnet.geo.coords import WGS84, as_crs
 from imlnet.geo.refine import Fix
 from imlnet.geo.tables import parse_footprint
+from imlnet.geo.track import PLACED
 from imlnet.io import atomic_path
 
 
@@ -169,7 +170,8 @@ def draw_map(
         members = sorted(
             (f for f in fixes if f.flight == flight and f.track), key=lambda f: f.image
         )
-        path = xy([(f.track.lat, f.track.lon) for f in members if math.isfinite(f.track.lat)])  # type: ignore[union-attr]
+        placed = [f.track for f in members if f.track.kind in PLACED]  # type: ignore[union-attr]
+        path = xy([(t.lat, t.lon) for t in placed])  # type: ignore[union-attr]
         ax.plot(
             path[:, 0],
             path[:, 1],

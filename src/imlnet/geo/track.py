@@ -32,6 +32,9 @@ import numpy as np
 from imlnet.errors import GeoError
 from imlnet.geo.coords import LocalFrame
 
+#: Track kinds the track itself placed (``"own"`` frames keep their own estimate).
+PLACED = ("fix", "interpolated", "held")
+
 
 @dataclass(frozen=True)
 class TrackConfig:
