@@ -290,6 +290,7 @@ def test_killed_training_resumes_to_the_same_weights(synth: Path, tmp_path: Path
             assert resumed["export"] == full["export"], (name, resumed, full)
         for folder, files in resumed["files"].items():  # no temporary checkpoint left
             assert not [f for f in files if f.startswith(".")], (name, folder, files)
+        assert resumed["export_files"] == ["config.json", "model.safetensors"], (name, resumed)
     assert runs["mid_epoch"][0]["step"] == STEPS_PER_EPOCH + 1
     assert not validation_skipped(runs["mid_epoch"][0])
     assert not validation_skipped(runs["writing_last"][0])  # the validation-end last.ckpt

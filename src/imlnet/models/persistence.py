@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +21,18 @@ from imlnet.io import atomic_path, write_json
 if TYPE_CHECKING:
     from imlnet.models.imlnet import IMLNet
 
+#: the temporary names of imlnet.io.atomic_path / atomic_write for the two files
+_LEFTOVER = re.compile(r"^\.(model\.[a-z0-9_]{8}\.safetensors|config\.json\.[a-z0-9_]{8}\.tmp)$")
+
 #: Written into config.json and the safetensors metadata; bumped on incompatible changes.
 FORMAT = "imlnet-model/1"
 
 
 def save_model(model: IMLNet, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically.
+
+    The temporary files a killed save left in ``directory`` are removed first (one process
+    exports a model folder at a time).
 
     The saved config has ``pretrained=False``: the weights are in the file, so loading needs
     no ImageNet file.
@@ -39,6 +48,10 @@ def save_model(model: IMLNet, directory: str | Path, meta: dict[str, Any] | None
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for entry in os.scandir(directory):  # the temporaries of a save that was killed
+        if _LEFTOVER.match(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
