@@ -129,6 +129,16 @@ def test_rendered_view_gives_its_camera_position(
     assert 0.5 < res.confidence <= 1.0
 
 
+def test_a_large_photo_is_shrunk_and_still_gives_its_camera(world: SimpleNamespace) -> None:
+    camera = R.Camera((-60.0, -20.0, 90.0), 0.0, 65.0, 55.0)
+    small = render(world, camera)
+    big = world.root / "big.png"
+    Image.open(small).resize((960, 960), Image.BICUBIC).save(big)
+    res = Verifier(VerifyConfig(fov_deg=55.0, max_query_px=192)).verify(big, [world.hit], (0, 0))
+    assert res.verified, res.note
+    assert geodesic_m(res.camera_lat, res.camera_lon, *latlon(*camera.position[:2])) < 5.0  # type: ignore[arg-type]
+
+
 def test_no_match_falls_back_and_says_so(world: SimpleNamespace) -> None:
     noise = np.random.default_rng(0).integers(0, 255, (160, 160), dtype=np.uint8)
     path = world.root / "noise.png"

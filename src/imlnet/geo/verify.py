@@ -43,9 +43,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from imlnet.errors import ImageReadError
 from imlnet.geo.coords import geodesic_m
 from imlnet.geo.mapwindow import MapReader, MapWindow
 from imlnet.geo.pose import (
@@ -57,6 +55,7 @@ from imlnet.geo.pose import (
     rectifier,
     solve_pose,
 )
+from imlnet.inference import read_image
 
 
 @dataclass
@@ -80,6 +79,7 @@ class VerifyConfig:
     pitch_guesses: tuple[float, ...] = (45.0, 60.0)  # no attitude, no match: assumed pitches
     cache_windows: int = 64  # map windows whose features are kept between queries
     max_features: int = 3000  # SIFT keypoints kept per image (the strongest)
+    max_query_px: int = 1024  # larger photos are shrunk first (same field of view)
 
 
 @dataclass
@@ -250,7 +250,11 @@ class Verifier:
             cannot be read.
         """
         start = time.perf_counter()
-        grey = _read_grey(image)
+        grey = np.asarray(read_image(image).convert("L"))  # the package's one decoder
+        scale = self.cfg.max_query_px / max(grey.shape)
+        if scale < 1.0:  # a 4000 px photo: the map windows hold no finer detail, SIFT is slower
+            size = (max(round(grey.shape[1] * scale), 8), max(round(grey.shape[0] * scale), 8))
+            grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
         tiles = [*list(hits)[: self.cfg.k], *extra]
         tries: list[Attitude | None] = [attitude]
         if attitude is None:  # unknown attitude: as it is, then nadir views at assumed pitches
@@ -400,11 +404,3 @@ def _decide(
         ranked,
         note,
     )
-
-
-def _read_grey(path: str | Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("L"))
-    except (OSError, UnidentifiedImageError) as err:
-        raise ImageReadError(f"{path}: cannot read the query image ({err})") from err
