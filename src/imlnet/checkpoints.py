@@ -34,11 +34,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
 
 from imlnet.errors import CheckpointError
 from imlnet.io import atomic_write
 
-__all__ = ["READ_ERRORS", "AtomicCheckpointIO", "read_error", "use_atomic_checkpoints"]
+__all__ = [
+    "READ_ERRORS",
+    "AtomicCheckpointIO",
+    "ValidateSkippedEpochEnd",
+    "read_error",
+    "use_atomic_checkpoints",
+]
 
 
 def _is_local(path: str | os.PathLike[str]) -> bool:
@@ -168,3 +175,31 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> None:
     strategy = trainer.strategy
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+class ValidateSkippedEpochEnd(Callback):
+    """Run the validation that resuming from an epoch's last-step checkpoint would skip.
+
+    A checkpoint written at the end of an epoch's last training step (``every_n_train_steps``)
+    is on disk before that epoch's validation runs. Resuming from it, Lightning does not run
+    that validation: the callbacks that act on it (the export of the best model, the best
+    checkpoints) never see the epoch's metrics, and the resumed run can export another
+    epoch's model than an uninterrupted one. This callback runs it at the start of the
+    resumed run, with the restored weights, as the uninterrupted run did, so the export is the
+    same. Not replayed: the end of that epoch, where a ``ModelCheckpoint`` monitoring the
+    metric saves when validation runs once per epoch (Lightning has already moved on to the
+    next epoch), so the resumed run's ``best-*.ckpt`` can differ from the uninterrupted run's.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Validate now when the run resumes at the end of an epoch's last training step."""
+        loop = trainer.fit_loop.epoch_loop
+        if not (
+            loop.restarted_on_train_batch_end
+            and loop.batch_progress.current.processed >= trainer.num_training_batches
+            and loop._should_check_val_epoch()
+        ):
+            return
+        trainer.validating = True
+        loop.val_loop.run()
+        trainer.training = True

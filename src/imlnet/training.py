@@ -22,7 +22,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from imlnet.checkpoints import READ_ERRORS, read_error, use_atomic_checkpoints
+from imlnet.checkpoints import (
+    READ_ERRORS,
+    ValidateSkippedEpochEnd,
+    read_error,
+    use_atomic_checkpoints,
+)
 from imlnet.evaluation import evaluate_views
 from imlnet.inference import embed, view_domain
 from imlnet.losses import IMLNetObjective
@@ -234,7 +239,8 @@ class IMLNetModule(L.LightningModule):
         use_atomic_checkpoints(self.trainer)
 
     def configure_callbacks(self) -> list[Callback]:
-        return [ExportBest(self.hparams.monitor, self.hparams.export_dir)]
+        export = ExportBest(self.hparams.monitor, self.hparams.export_dir)
+        return [export, ValidateSkippedEpochEnd()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only torch's global generator drives training (dropout); data augmentation is seeded
