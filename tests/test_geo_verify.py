@@ -265,3 +265,17 @@ def test_localize_options_are_checked_before_retrieval(tmp_path: Path) -> None:
         prepare(ap.parse_args(["--verify", "-1"]))
     plan = prepare(ap.parse_args(["--verify", "0"]))
     assert plan.verifier is None and plan.attitude is None
+
+
+def test_finish_refines_and_writes_in_one_call(world: SimpleNamespace, tmp_path: Path) -> None:
+    from imlnet.geo.fixes_io import finish, make_plan
+
+    image = str(render(world, R.Camera((-60.0, -20.0, 90.0), 0.0, 65.0, 55.0)))
+    result = SimpleNamespace(
+        image=image, hits=[world.hit], lat=world.hit["lat"], lon=world.hit["lon"],
+        true_lat=None, true_lon=None, error_m=None, top1_error_m=None,
+    )  # fmt: skip
+    fixes, paths = finish(make_plan(verify=1, fov_deg=55.0), [result], tmp_path, seconds=2.0)
+    assert fixes[0].verified
+    assert sorted(paths) == ["candidates", "fixes", "map", "metrics"]
+    assert json.loads(paths["metrics"].read_text())["retrieval_s_per_query"] == 2.0

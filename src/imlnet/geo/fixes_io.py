@@ -251,33 +251,109 @@ class Plan:
     attitude: PathMatcher | None
     camera_truth: PathMatcher | None
     track: TrackConfig
+    prior_tiles: int = 2
+
+
+def make_plan(
+    *,
+    verify: int = 5,
+    min_inliers: int = VerifyConfig.min_inliers,
+    fov_deg: float | None = None,
+    attitude: Path | None = None,
+    truth: Path | None = None,
+    step_m: float = TrackConfig.step_m,
+    prior_tiles: int = 2,
+) -> Plan:
+    """A :class:`Plan` from plain options (what the ``imlnet localize`` flags of :func:`add_args`
+    set; ``truth`` is the truth CSV, read for its camera columns).
+
+    Raises:
+        GeoError: a negative count, a bad motion option, or a bad attitude or truth row.
+    """
+    for name, value in (
+        ("verify", verify),
+        ("min-inliers", min_inliers),
+        ("prior-tiles", prior_tiles),
+    ):
+        if value < 0:
+            raise GeoError(f"--{name} must be >= 0, got {value}")
+    track = TrackConfig(step_m=step_m)
+    track.validate()
+    verifier = None
+    if verify > 0:
+        cfg = VerifyConfig(k=verify, min_inliers=min_inliers)
+        if fov_deg is not None:
+            cfg.fov_deg = fov_deg
+        verifier = Verifier(cfg)
+    att = PathMatcher(read_attitude(attitude), attitude.parent) if attitude is not None else None
+    camera = PathMatcher(read_camera_truth(truth), truth.parent) if truth is not None else None
+    return Plan(verifier, att, camera, track, prior_tiles)
 
 
 def prepare(args: argparse.Namespace) -> Plan:
-    """Check the options of :func:`add_args` and read the attitude and camera-truth files, so
-    that a bad one stops the run before any image is embedded or file written.
+    """:func:`make_plan` from the parsed ``imlnet localize`` command line, before retrieval, so
+    that a bad option or file stops the run before any image is embedded or file written."""
+    return make_plan(
+        verify=args.verify,
+        min_inliers=args.min_inliers,
+        fov_deg=args.fov_deg,
+        attitude=args.attitude,
+        truth=args.truth,
+        step_m=args.step_m,
+        prior_tiles=args.prior_tiles,
+    )
 
-    Raises:
-        GeoError: a bad option value or a bad row (naming the file and the line).
+
+def finish(
+    plan: Plan,
+    results: Sequence[Any],
+    out_dir: str | Path,
+    *,
+    sequence: bool = False,
+    geojson: Path | None = None,
+    gallery: Sequence[Mapping[str, Any]] | None = None,
+    seconds: float | None = None,
+    draw: bool = True,
+    progress: bool = False,
+) -> tuple[list[Fix], dict[str, Path]]:
+    """Refine retrieval results and write what that adds (for ``localize`` and the demo).
+
+    Args:
+        plan: from :func:`make_plan` or :func:`prepare` (its verifier is closed at the end).
+        results: :class:`imlnet.geo.localize.QueryResult` per query.
+        out_dir: where ``fixes.csv``, ``candidates.csv``, ``metrics.json``, ``map.png`` go.
+        sequence: fuse each folder's frames into a track.
+        geojson: the run's ``results.geojson``, which gains the new features.
+        gallery: the gallery's rows (``GalleryIndex.metadata``), for the flights' prior tiles.
+        seconds: the retrieval's wall time, reported per query in the metrics.
+        draw: write ``map.png``.
+        progress: show a progress bar.
+
+    Returns:
+        The refined queries and the paths written.
     """
-    for name in ("verify", "min_inliers", "prior_tiles"):
-        if getattr(args, name) < 0:
-            raise GeoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    track = TrackConfig(step_m=args.step_m)
-    track.validate()
-    verifier = None
-    if args.verify > 0:
-        cfg = VerifyConfig(k=args.verify, min_inliers=args.min_inliers)
-        if args.fov_deg is not None:
-            cfg.fov_deg = args.fov_deg
-        verifier = Verifier(cfg)
-    attitude = None
-    if args.attitude is not None:
-        attitude = PathMatcher(read_attitude(args.attitude), args.attitude.parent)
-    camera = None
-    if args.truth is not None:
-        camera = PathMatcher(read_camera_truth(args.truth), args.truth.parent)
-    return Plan(verifier, attitude, camera, track)
+    try:
+        fixes = refine(
+            results,
+            verifier=plan.verifier,
+            attitude=plan.attitude,
+            sequence=sequence,
+            track=plan.track,
+            camera_truth=plan.camera_truth,
+            gallery=gallery,
+            prior_tiles=plan.prior_tiles,
+            progress=progress,
+        )
+    finally:
+        if plan.verifier is not None:
+            plan.verifier.close()
+    extra = {} if seconds is None else {"retrieval_s_per_query": seconds / max(len(results), 1)}
+    out = write_refined(fixes, out_dir, geojson=geojson, **extra)
+    if draw:
+        from imlnet.geo.mapping import draw_map
+
+        out["map"] = draw_map(fixes, results, Path(out_dir) / "map.png")
+    return fixes, out
 
 
 def after_localize(
@@ -289,7 +365,8 @@ def after_localize(
     seconds: float,
     gallery: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """The ``imlnet localize`` step after retrieval: verify, fuse, write, draw, print.
+    """The ``imlnet localize`` step after retrieval: :func:`finish`, then print the fallbacks
+    and the metrics table.
 
     Args:
         plan: from :func:`prepare`.
@@ -299,29 +376,17 @@ def after_localize(
         seconds: the retrieval's wall time (embedding and search), for the latency.
         gallery: the gallery's rows (``GalleryIndex.metadata``), for ``--prior-tiles``.
     """
-    try:
-        fixes = refine(
-            results,
-            verifier=plan.verifier,
-            attitude=plan.attitude,
-            sequence=args.sequence,
-            track=plan.track,
-            camera_truth=plan.camera_truth,
-            gallery=gallery,
-            prior_tiles=args.prior_tiles,
-            progress=not args.quiet,
-        )
-    finally:
-        if plan.verifier is not None:
-            plan.verifier.close()
-    n = max(len(results), 1)
-    out = write_refined(
-        fixes, args.out_dir, geojson=paths.get("geojson"), retrieval_s_per_query=seconds / n
+    fixes, out = finish(
+        plan,
+        results,
+        args.out_dir,
+        sequence=args.sequence,
+        geojson=paths.get("geojson"),
+        gallery=gallery,
+        seconds=seconds,
+        draw=not args.no_map,
+        progress=not args.quiet,
     )
-    if not args.no_map:
-        from imlnet.geo.mapping import draw_map
-
-        out["map"] = draw_map(fixes, results, args.out_dir / "map.png")
     for f in fixes:
         if f.verification is not None and not f.verified:
             print(f"{Path(f.image).name}: {f.verification.note}")
