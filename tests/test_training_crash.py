@@ -372,3 +372,27 @@ def test_a_kill_while_saving_across_file_systems(tmp_path: Path) -> None:
     assert report["tmpdir_leftovers"] == 1, report
     assert report["atomic"] == 1, report  # the previous checkpoint
     assert report["atomic_files"][0].startswith(".last.ckpt.") and len(report["atomic_files"]) == 2
+
+
+def test_ckpt_path_last_finds_the_earlier_runs_checkpoint(synth: Path, tmp_path: Path) -> None:
+    """With a logger that numbers its versions (as configs/*.yaml), the rerun's own checkpoint
+    folder is ``version_1/checkpoints``, new and empty: ``--ckpt_path last`` must still resume
+    from ``version_0``'s ``last.ckpt`` (Lightning alone warned and trained from scratch)."""
+    from imlnet.training import cli_main
+
+    config = fit_config(tmp_path / "fit.yaml", synth)
+    cfg = yaml.safe_load(config.read_text())
+    runs = tmp_path / "runs"
+    cfg["trainer"].pop("callbacks")  # the CLI's default best + last checkpoints only
+    cfg["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(runs), "name": "imlnet"},
+    }
+    cfg["trainer"].update(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    cfg["model"]["export_dir"] = str(tmp_path / "export")
+    config.write_text(yaml.safe_dump(cfg))
+    cli_main(["fit", "--config", str(config)])
+    first = runs / "imlnet" / "version_0" / "checkpoints" / "last.ckpt"
+    assert first.is_file()
+    cli = cli_main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(first)

@@ -34,7 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from imlnet.errors import CheckpointError
 from imlnet.io import atomic_write
@@ -43,6 +43,7 @@ __all__ = [
     "READ_ERRORS",
     "AtomicCheckpointIO",
     "ValidateSkippedEpochEnd",
+    "find_last_checkpoint",
     "read_error",
     "use_atomic_checkpoints",
 ]
@@ -203,3 +204,38 @@ class ValidateSkippedEpochEnd(Callback):
         trainer.validating = True
         loop.val_loop.run()
         trainer.training = True
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The newest ``last.ckpt`` of this run's checkpoint folders and of the earlier runs'.
+
+    For ``--ckpt_path last`` Lightning looks only in the checkpoint folders of the run being
+    started; with a logger that numbers its versions (the configs' TensorBoard and CSV
+    loggers), the default folder is ``<save_dir>/<name>/version_<N+1>/checkpoints``, new and
+    empty, so a rerun after a kill trained from scratch with only a warning. This looks in
+    the folders a ``ModelCheckpoint`` was given (``dirpath``), in every version folder of each
+    logger, and in ``<default_root_dir>/checkpoints`` without a logger.
+
+    Returns:
+        The most recently written ``last.ckpt`` (or ``last-vN.ckpt``), or None.
+    """
+    folders: list[Path] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            folders.append(Path(callback.dirpath))
+    for logger in trainer.loggers:
+        if logger.save_dir is not None:
+            root = Path(logger.save_dir) / str(logger.name or "")
+            folders += sorted(root.glob("*/checkpoints"))
+    if not trainer.loggers:
+        folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    found = [
+        path
+        for folder in folders
+        for path in folder.glob("last*.ckpt")
+        if _LAST.fullmatch(path.name) and path.is_file()
+    ]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+_LAST = re.compile(r"last(-v\d+)?\.ckpt")

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from imlnet.checkpoints import (
     READ_ERRORS,
     ValidateSkippedEpochEnd,
+    find_last_checkpoint,
     read_error,
     use_atomic_checkpoints,
 )
@@ -313,6 +314,14 @@ class IMLNetCLI(LightningCLI):
         parser.link_arguments(
             "data.num_classes", "model.model.init_args.num_classes", apply_on="instantiate"
         )
+
+    def before_fit(self) -> None:
+        # --ckpt_path last: also the earlier runs' folders (a versioned logger starts a new one)
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            found = find_last_checkpoint(self.trainer)
+            if found is not None:
+                config["ckpt_path"] = str(found)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path first (weights_only) for its hyperparameters
