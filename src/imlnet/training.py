@@ -335,8 +335,11 @@ class IMLNetCLI(LightningCLI):
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> IMLNetCLI:
     """``imlnet fit|validate|test --config CONFIG.yaml [--section.key value ...]``.
 
-    Default callbacks (replaced by a config's ``trainer.callbacks``): the best and last
-    checkpoints by ``val/R@1``; the model adds the safetensors export of the best model.
+    Default callbacks (added to a config's ``trainer.callbacks``, not replaced by them: LightningCLI
+    appends ``trainer_defaults`` callbacks): the best and last checkpoints by ``val/R@1`` in
+    ``<log dir>/checkpoints``; the model adds the safetensors export of the best model and
+    :class:`~imlnet.checkpoints.ValidateSkippedEpochEnd`. ``--ckpt_path last`` also looks in
+    the earlier runs' folders (:func:`~imlnet.checkpoints.find_last_checkpoint`).
     """
     from imlnet.data.datamodule import CrossViewDataModule
 
