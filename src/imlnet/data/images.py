@@ -25,8 +25,8 @@ from imlnet.errors import ImageReadError
 BadImagePolicy = Literal["raise", "skip"]
 
 _SKIP_HINT = (
-    "Replace or delete the file, or pass on_bad_image='skip' (config: data.on_bad_image: skip) "
-    "to leave unreadable images out."
+    "To train without unreadable images instead, set data.on_bad_image: skip in the imlnet fit "
+    "config (on_bad_image='skip' in Python)."
 )
 
 
