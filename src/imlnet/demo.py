@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-fraction", type=float, default=0.85)
     ap.add_argument("--views", type=int, default=8, help="drone views per location")
     add_common(ap, image_size=64, workers=True)
+    ap.set_defaults(workers=None)  # the generator picks one rendering process per core
     ap.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     ap.add_argument(
         "--crop-units",
