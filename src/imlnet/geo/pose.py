@@ -19,7 +19,6 @@ ground (closest to the attitude prior when one is given).
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 
 from imlnet.errors import GeoError
 from imlnet.geo.coords import metres_per_degree
+from imlnet.geo.tables import read_table
 
 #: The field of view assumed when neither ``--fov-deg`` nor the attitude file gives one.
 DEFAULT_FOV_DEG = 60.0
@@ -118,15 +118,7 @@ def read_attitude(path: str | Path) -> dict[str, Attitude]:
         GeoError: missing file or column, or a bad row; the message names the file and line.
     """
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except FileNotFoundError as err:
-        raise GeoError(f"{path}: attitude file not found") from err
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise GeoError(f"{path}: cannot read the attitude CSV ({err})") from err
+    columns, rows = read_table(path, "attitude")
     missing = [c for c in ("image", "pitch_deg") if c not in columns]
     if missing:
         raise GeoError(

@@ -108,22 +108,36 @@ def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], columns: Sequenc
         handle.write(text)
 
 
+def read_table(path: str | Path, what: str = "") -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the rows (dicts of strings) of a CSV file.
+
+    Args:
+        what: what the file is (``"attitude"``), for the messages.
+
+    Raises:
+        GeoError: the file is missing or unreadable, naming it.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except FileNotFoundError as err:
+        raise GeoError(f"{path}: {what + ' ' if what else ''}file not found") from err
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        kind = f"the {what} CSV" if what else "CSV"
+        raise GeoError(f"{path}: cannot read {kind} ({err})") from err
+    return columns, rows
+
+
 def read_csv(path: str | Path, required: Sequence[str] = ()) -> list[dict[str, str]]:
     """Read a CSV with a header into dicts of strings.
 
     Raises:
         GeoError: the file is missing, unreadable, or lacks one of ``required`` columns.
     """
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except FileNotFoundError as err:
-        raise GeoError(f"{path}: file not found") from err
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise GeoError(f"{path}: cannot read CSV ({err})") from err
+    columns, rows = read_table(path)
     missing = [c for c in required if c not in columns]
     if missing:
         raise GeoError(
