@@ -1,11 +1,35 @@
-"""Shared test settings: CPU only, few threads, deterministic seeds."""
+"""Shared test settings (CPU only, few threads, deterministic seeds) and the tiny benchmark."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic benchmark (6 locations x 3 views at 32 px), made once per test process.
+
+    Tests treat it as read-only (they copy it before changing anything).
+    """
+    from imlnet.data.synthetic.config import SynthConfig
+    from imlnet.data.synthetic.generate import generate
+    from imlnet.data.synthetic.scene import SceneConfig
+
+    cfg = SynthConfig(
+        locations=6,
+        views=3,
+        size=32,
+        seed=3,
+        distractors=1,
+        scene=SceneConfig(extent_m=400.0, resolution_m=1.0),
+    )
+    return generate(cfg, tmp_path_factory.mktemp("data") / "synth", progress=False)

@@ -26,26 +26,11 @@ import yaml
 from imlnet.cli import main as cli_main
 from imlnet.data.datamodule import CrossViewDataModule
 from imlnet.data.folders import ViewDataset
-from imlnet.data.synthetic.generate import SynthConfig, generate
-from imlnet.data.synthetic.scene import SceneConfig
 from imlnet.errors import CheckpointError, ImageReadError
 from imlnet.models.imlnet import IMLNet
 from test_bad_files import MESSAGES, Payload, _png_chunk, bad_images
 
 TINY_NET = {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 32}
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SynthConfig(
-        locations=6,
-        views=3,
-        size=32,
-        seed=3,
-        distractors=1,
-        scene=SceneConfig(extent_m=400.0, resolution_m=1.0),
-    )
-    return generate(cfg, tmp_path_factory.mktemp("data") / "synth", progress=False)
 
 
 @pytest.fixture(scope="module")

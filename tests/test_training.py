@@ -18,8 +18,6 @@ import yaml
 
 from imlnet.cli import main as imlnet_main
 from imlnet.data.datamodule import CrossViewDataModule
-from imlnet.data.synthetic.generate import SynthConfig, generate
-from imlnet.data.synthetic.scene import SceneConfig
 from imlnet.demo import DEMO_CONFIG, recipe_run
 from imlnet.losses import IMLNetObjective
 from imlnet.models.imlnet import IMLNet
@@ -33,19 +31,6 @@ TINY_MODEL = {
     "model": {"class_path": "imlnet.models.IMLNet", "init_args": TINY_NET},
     "objective": {"class_path": "imlnet.losses.IMLNetObjective", "init_args": TINY_OBJECTIVE},
 }
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    cfg = SynthConfig(
-        locations=6,
-        views=3,
-        size=32,
-        seed=3,
-        distractors=1,
-        scene=SceneConfig(extent_m=400.0, resolution_m=1.0),
-    )
-    return generate(cfg, tmp_path_factory.mktemp("data") / "synth", progress=False)
 
 
 def _config(tmp: Path, root: Path, **trainer) -> Path:

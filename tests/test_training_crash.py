@@ -24,9 +24,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imlnet.data.synthetic.generate import SynthConfig, generate
-from imlnet.data.synthetic.scene import SceneConfig
-
 SERVER = textwrap.dedent(
     """
     import hashlib, json, os, random, signal, subprocess, sys, time
@@ -140,19 +137,6 @@ SERVER = textwrap.dedent(
     print(json.dumps(report))
     """
 )
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = SynthConfig(
-        locations=6,
-        views=3,
-        size=32,
-        seed=3,
-        distractors=1,
-        scene=SceneConfig(extent_m=400.0, resolution_m=1.0),
-    )
-    return generate(cfg, tmp_path_factory.mktemp("data") / "synth", progress=False)
 
 
 def fit_config(path: Path, data: Path) -> Path:
