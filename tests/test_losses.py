@@ -351,3 +351,14 @@ def test_infonce_temperature_learned_or_fixed() -> None:
     assert learned.log_scale.grad is not None and drone.grad is not None
     with pytest.raises(ValueError, match="temperature"):
         InfoNCE(0.0)
+
+
+def test_infonce_beside_drcl_is_validated() -> None:
+    """``w_infonce`` adds InfoNCE beside a triplet loss; with ``triplet="infonce"`` it is refused
+    (that would count the same loss twice), and a negative weight is refused."""
+    assert IMLNetObjective(w_infonce=0.0).infonce is None  # no parameter unless it is used
+    assert IMLNetObjective(w_infonce=0.5).infonce is not None
+    with pytest.raises(ValueError, match="w_drcl to weight"):
+        IMLNetObjective(triplet="infonce", w_infonce=1.0)
+    with pytest.raises(ValueError, match="w_infonce must be >= 0"):
+        IMLNetObjective(w_infonce=-1.0)

@@ -152,6 +152,7 @@ SWITCHES = [
     ({}, {"triplet": "none"}, {"id", "rec", "id_crops"}),
     ({"irn": False}, {"triplet": "infonce"}, {"id", "triplet", "id_crops"}),
     ({"irn": False}, {"triplet": "plain"}, {"id", "triplet", "id_crops"}),
+    ({"irn": False}, {"w_infonce": 1.5}, {"id", "triplet", "infonce", "id_crops"}),
     ({"muml": False}, {}, {"id", "triplet", "rec"}),
     ({"muml": False, "pool": "avg"}, {"triplet": "none"}, {"id", "rec"}),
     ({"irn": False, "muml": False}, {}, {"id", "triplet"}),
@@ -181,6 +182,7 @@ def test_parts_and_gradients_follow_the_switches(batch, model_kw, loss_kw, parts
         "triplet": 3.0,
         "id": 0.5,
         "id_crops": 0.25,
+        "infonce": loss_kw.get("w_infonce", 0.0),
     }
     expected = sum(w[k] * float(out[k].detach()) for k in parts)
     assert float(out["total"].detach()) == pytest.approx(expected, rel=1e-5)
@@ -190,7 +192,8 @@ def test_parts_and_gradients_follow_the_switches(batch, model_kw, loss_kw, parts
     assert not missed, missed
     # the objective's own parameters: InfoNCE's learned temperature, nothing otherwise
     learned = [n for n, p in objective.named_parameters() if p.grad is not None]
-    assert learned == (["infonce.log_scale"] if loss_kw.get("triplet") == "infonce" else [])
+    uses_infonce = loss_kw.get("triplet") == "infonce" or loss_kw.get("w_infonce", 0) > 0
+    assert learned == (["infonce.log_scale"] if uses_infonce else [])
     if not share:
         names = _grads(model)
         assert any(n.startswith("encoders.drone.") for n in names)
@@ -243,19 +246,26 @@ def naive_objective(model, objective, drone, sat, labels, units):
     else:
         a, b, loss = out["drone"].descriptor, out["satellite"].descriptor, drcl_loss
     parts["triplet"] = loss(a, b, labels, objective.margin)
-    if objective.triplet == "infonce":  # Sample4Geo's defaults: T = 0.07, smoothing 0.1
-        parts["triplet"] = infonce_loss(a, b, labels, torch.tensor(1 / 0.07), 0.1)
+    nce = infonce_loss(a, b, labels, torch.tensor(1 / 0.07), 0.1)  # Sample4Geo: T 0.07, LS 0.1
+    if objective.triplet == "infonce":
+        parts["triplet"] = nce
+    if objective.weights["infonce"] > 0:  # InfoNCE beside DRCL, on the same descriptors
+        a, b = out["drone"].descriptor, out["satellite"].descriptor
+        parts["infonce"] = infonce_loss(a, b, labels, torch.tensor(1 / 0.07), 0.1)
     parts["rec"] = ((out["drone"].reconstruction - sat) ** 2).mean()
     parts["rec_satellite"] = ((out["satellite"].reconstruction - sat) ** 2).mean()
     w = objective.weights
-    parts["total"] = sum(w[k] * parts[k] for k in w)
+    parts["total"] = sum(w[k] * parts[k] for k in w if k in parts)
     return parts
 
 
-@pytest.mark.parametrize("triplet", ["drcl", "plain", "infonce"])
-def test_objective_equals_a_plain_recomputation(batch, triplet):
+@pytest.mark.parametrize("loss", ["drcl", "plain", "infonce", "drcl+infonce"])
+def test_objective_equals_a_plain_recomputation(batch, loss):
     model = small_model().eval()  # eval: no dropout, fixed BN, so passes are comparable
     weights = {"w_rec": 0.5, "w_drcl": 2.0, "w_id": 0.7, "w_crop": 0.3, "w_rec_satellite": 0.1}
+    triplet, _, beside = loss.partition("+")
+    if beside:  # InfoNCE as an auxiliary beside DRCL
+        weights["w_infonce"] = 0.4
     objective = IMLNetObjective(triplet=triplet, margin=0.3, **weights)
     with torch.no_grad():
         parts = training_losses(model, objective, *batch)
@@ -263,7 +273,7 @@ def test_objective_equals_a_plain_recomputation(batch, triplet):
     assert set(parts) == set(expected)
     for key in parts:
         torch.testing.assert_close(parts[key], torch.as_tensor(expected[key]), msg=key)
-    if triplet != "drcl":
+    if loss != "drcl":
         return
     # One random unit's crop (plus the combined one): one of the four single-unit objectives.
     rand = IMLNetObjective(crop_units="random", seed=3)

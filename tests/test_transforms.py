@@ -133,3 +133,21 @@ def test_random_weather() -> None:
     torch.manual_seed(0)
     dark = denormalize(t(x))
     assert float(dark.mean()) < 0.6 * float(x.mean())  # night is darker
+
+
+def test_default_padding_scales_with_the_image_side() -> None:
+    """The baseline pads 10 px at 256 px; at 64 px the same fraction is 2 px (10 would move the
+    image by up to a sixth of its side). The translation is checked on a one-pixel marker."""
+    from imlnet.data.transforms import default_pad
+
+    assert [default_pad(s) for s in (256, 384, 128, 64, 32)] == [10, 15, 5, 2, 1]
+    image = torch.zeros(3, 64, 64)
+    image[:, 32, 32] = 1.0
+    train = build_transforms("drone", True, 64, flip=False, normalize=False)
+    shifts = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = train(image)
+        y, x = divmod(int(out[0].argmax()), 64)
+        shifts.add((y - 32, x - 32))
+    assert max(max(abs(dy), abs(dx)) for dy, dx in shifts) == 2 and len(shifts) > 5

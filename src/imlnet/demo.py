@@ -48,7 +48,8 @@ def recipe_run(
 
     Args:
         data: the synthetic benchmark's folder.
-        size, seed: the data module's image size and seed (``seed`` also seeds the weights).
+        size, seed: the data module's image size and seed (``seed`` also seeds the weights and
+            the objective's draw of MUML crop units, so seeds differ in every random choice).
         export_dir: where the trained model is exported.
         batch_size, sample_num, backbone, crop_units: override the recipe's (None keeps it).
         overlays: more config files on top (``configs/ablations/<row>.yaml``).
@@ -62,6 +63,7 @@ def recipe_run(
     args += ["--seed_everything", str(seed), "--trainer.logger", "false"]
     args += ["--data.root", str(data), "--data.dataset", "synthetic"]
     args += ["--data.image_size", str(size), "--data.seed", str(seed)]
+    args += ["--model.objective.init_args.seed", str(seed)]
     args += ["--model.export_dir", str(export_dir)]
     for key, value in (
         ("--data.batch_size", batch_size),

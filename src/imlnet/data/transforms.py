@@ -4,7 +4,8 @@ Training (``train=True``), as the official University-1652 code does:
 
 - resize to ``size x size`` (bicubic),
 - pad ``pad`` pixels by repeating the edge, then crop a random ``size x size`` window back out
-  (a small random translation),
+  (a small random translation; the baseline's 10 px at 256 px, and the same fraction of the side
+  at other sizes: 2 px at 64 px, where 10 px would shift by a sixth of the image),
 - satellite only: a random rotation by a free angle in [-90, 90] degrees before the crop (the
   baseline's ``RandomAffine(90)``; the corners it uncovers are black, as there),
 - a random horizontal flip,
@@ -140,12 +141,17 @@ class ImageTransform:
         return f"ImageTransform(\n{inner}\n)"
 
 
+def default_pad(size: int) -> int:
+    """The random-translation padding at ``size`` px: University-1652's 10 px at 256 px, scaled."""
+    return max(1, round(10 * int(size) / 256))
+
+
 def build_transforms(
     view: Literal["drone", "satellite"],
     train: bool,
     size: int = 256,
     *,
-    pad: int = 10,
+    pad: int | None = None,
     flip: bool = True,
     satellite_rotation: bool = True,
     weather_prob: float = 0.0,
@@ -159,7 +165,8 @@ def build_transforms(
         view: ``"drone"`` or ``"satellite"``.
         train: random augmentation (True) or the deterministic evaluation transform (False).
         size: output side in pixels.
-        pad: edge padding before the random crop (0: no translation).
+        pad: edge padding before the random crop (0: no translation; None:
+            :func:`default_pad` of ``size``).
         flip: random horizontal flip (training).
         satellite_rotation: random rotation in [-90, 90] degrees of satellite images (training).
         weather_prob: probability of :class:`RandomWeather` on drone images (training).
@@ -175,6 +182,8 @@ def build_transforms(
     """
     if view not in ("drone", "satellite"):
         raise ValueError(f"view must be 'drone' or 'satellite', got {view!r}")
+    if pad is None:
+        pad = default_pad(size)
     if int(size) < 1 or int(pad) < 0:
         raise ValueError(f"size must be >= 1 and pad >= 0, got size={size}, pad={pad}")
     if weather_prob > 0 and view != "drone":

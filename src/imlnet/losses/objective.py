@@ -29,7 +29,7 @@ class IMLNetObjective(nn.Module):
     """The IML-Net training objective of one batch of paired drone / satellite images.
 
     ``total = w_rec * rec + w_rec_satellite * rec_satellite + w_drcl * triplet + w_id * id
-    + w_crop * id_crops``; parts whose switch is off are absent.
+    + w_crop * id_crops + w_infonce * infonce``; parts whose switch is off are absent.
 
     - ``rec`` (IRN): MSE between the reconstruction from the *drone* image's features and the
       satellite image of the same building. ``rec_satellite`` (when ``w_rec_satellite > 0``):
@@ -40,6 +40,10 @@ class IMLNetObjective(nn.Module):
       :mod:`imlnet.losses.infonce`), or absent (``"none"``).
     - ``id``: summed over the two domains, cross-entropy of the descriptor classifier plus the
       mean over the four unit classifiers (MUML). Without MUML this is the baseline's loss.
+    - ``infonce`` (when ``w_infonce > 0`` and ``triplet`` is not ``"infonce"``): symmetric InfoNCE
+      on the descriptors *beside* the triplet loss, an auxiliary that uses the whole batch. From
+      scratch, DRCL's batch-hard triplet collapses (every distance equal, loss = margin) before
+      it learns anything on the synthetic benchmark; InfoNCE does not (docs/benchmarks.md).
     - ``id_crops`` (MUML): the mutual-learning rule (:func:`imlnet.losses.mutual.mutual_crop_loss`)
       per domain, summed over the two domains. ``crop_units="random"`` uses one random unit's
       crop per batch (plus the combined one), a cheaper approximation.
@@ -47,12 +51,12 @@ class IMLNetObjective(nn.Module):
     Args:
         triplet: ``"drcl"``, ``"plain"``, ``"infonce"`` or ``"none"``.
         margin: triplet margin (for DRCL in the units of the radius: distances lie in [0, 2r]).
-        w_rec, w_rec_satellite, w_drcl, w_id, w_crop: loss weights.
+        w_rec, w_rec_satellite, w_drcl, w_id, w_crop, w_infonce: loss weights.
         crop_units: ``"all"`` (every unit's crop, the paper) or ``"random"``.
         seed: of the random unit choice; the draw of call k depends only on (seed, k), and k is
             a buffer, so a resumed run continues the same sequence.
-        temperature, learn_temperature, label_smoothing: of InfoNCE (``triplet="infonce"``
-            only; Sample4Geo: 0.07, learned, 0.1).
+        temperature, learn_temperature, label_smoothing: of InfoNCE (``triplet="infonce"`` or
+            ``w_infonce > 0`` only; Sample4Geo: 0.07, learned, 0.1).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class IMLNetObjective(nn.Module):
         temperature: float = 0.07,
         learn_temperature: bool = True,
         label_smoothing: float = 0.1,
+        w_infonce: float = 0.0,
     ) -> None:
         super().__init__()
         if triplet not in TRIPLETS:
@@ -77,6 +82,11 @@ class IMLNetObjective(nn.Module):
             raise ValueError(f"crop_units must be 'all' or 'random', got {crop_units!r}")
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
+        if w_infonce < 0 or (w_infonce > 0 and triplet == "infonce"):
+            raise ValueError(
+                f"w_infonce must be >= 0 and is for InfoNCE beside another triplet loss, got "
+                f"{w_infonce} with triplet={triplet!r} (use w_drcl to weight triplet='infonce')"
+            )
         self.triplet, self.margin = triplet, float(margin)
         self.weights = {
             "rec": float(w_rec),
@@ -84,12 +94,13 @@ class IMLNetObjective(nn.Module):
             "triplet": float(w_drcl),
             "id": float(w_id),
             "id_crops": float(w_crop),
+            "infonce": float(w_infonce),
         }
         self.crop_units, self.seed = crop_units, int(seed)
         # only with InfoNCE, so that the other objectives' state dicts stay as they were
         self.infonce = (
             InfoNCE(temperature, learn_temperature, label_smoothing)
-            if triplet == "infonce"
+            if triplet == "infonce" or w_infonce > 0
             else None
         )
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -120,8 +131,8 @@ class IMLNetObjective(nn.Module):
             labels: ``(B,)`` building indices.
 
         Returns:
-            ``{"id", "triplet", "rec", "rec_satellite", "id_crops", "total"}`` (switched-off parts
-            and parts the output lacks are absent), scalar float32 tensors.
+            ``{"id", "triplet", "infonce", "rec", "rec_satellite", "id_crops", "total"}``
+            (switched-off parts and parts the output lacks are absent), scalar float32 tensors.
         """
         d, s = out.drone, out.satellite
         parts: dict[str, torch.Tensor] = {}
@@ -132,8 +143,10 @@ class IMLNetObjective(nn.Module):
             parts["triplet"] = drcl_loss(d.descriptor, s.descriptor, labels, self.margin)
         elif self.triplet == "plain":
             parts["triplet"] = plain_triplet_loss(d.embedding, s.embedding, labels, self.margin)
-        elif self.infonce is not None:
+        elif self.triplet == "infonce" and self.infonce is not None:
             parts["triplet"] = self.infonce(d.descriptor, s.descriptor, labels)
+        if self.weights["infonce"] > 0 and self.infonce is not None:
+            parts["infonce"] = self.infonce(d.descriptor, s.descriptor, labels)
         if d.reconstruction is not None:
             parts["rec"] = reconstruction_loss(d.reconstruction, satellite)
         if s.reconstruction is not None and self.reconstruct_satellite:
