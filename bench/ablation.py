@@ -10,7 +10,12 @@ Results are written after each run to ``--out`` (JSON), so an interrupted sweep 
 finished and ``--resume`` skips those runs. The table gives mean +/- sample standard deviation
 over the seeds, and the min-max range.
 
-    python bench/ablation.py                        # 5 rows x 3 seeds, about 30 min on 2 cores
+The benchmark is the demo's (600 locations, 85 % for training: 510 training places, 90 test
+places and 32 distractors, 8 views, 64 px; ``--data runs/demo/data`` reuses a demo's). Each run's
+step cost (the fit's seconds over its steps) and the load average around it are recorded, so the
+rows' costs can be compared within one sweep.
+
+    python bench/ablation.py --data runs/demo/data            # 7 rows x 3 seeds
     python bench/ablation.py --rows baseline full --seeds 0 --epochs 2   # a quick look
 """
 
@@ -31,11 +36,13 @@ import torch
 import yaml
 
 from imlnet.data.synthetic.generate import SynthConfig, generate
-from imlnet.demo import DEMO_CONFIG, recipe_run
+from imlnet.demo import DEMO_CONFIG, recipe_run, recipe_trainer
 from imlnet.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("baseline", "irn", "muml", "drcl", "full", "infonce", "paper_heads")
+ROWS = ("baseline", "irn", "muml", "drcl", "full", "infonce", "full_plus_infonce", "paper_heads")
+#: the rows a sweep runs unless told (paper_heads is a cost/accuracy check of one switch)
+DEFAULT_ROWS = ROWS[:-1]
 #: (metric key of trainer.test, column title)
 COLUMNS = (
     ("test/R@1", "d->s R@1"),
@@ -68,6 +75,7 @@ def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[s
         trainer = L.Trainer(
             accelerator="cpu",
             max_epochs=args.epochs,
+            gradient_clip_val=recipe_trainer().get("gradient_clip_val"),
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -76,12 +84,22 @@ def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[s
             num_sanity_val_steps=0,
             default_root_dir=tmp,
         )
+        load = os.getloadavg()[0]
         t = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         train_s = time.perf_counter() - t
         trainer.test(module, datamodule=dm, verbose=False)
     metrics = {key: round(float(trainer.callback_metrics[key]), 3) for key, _ in COLUMNS}
-    return {"row": row, "seed": seed, "train_s": round(train_s, 1), **metrics}
+    steps = int(trainer.global_step)
+    return {
+        "row": row,
+        "seed": seed,
+        "train_s": round(train_s, 1),
+        "steps": steps,
+        "step_s": round(train_s / max(1, steps), 3),
+        "load": [round(load, 2), round(os.getloadavg()[0], 2)],
+        **metrics,
+    }
 
 
 def summarize(runs: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
@@ -92,7 +110,7 @@ def summarize(runs: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any
         if not done:
             continue
         entry: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in done]}
-        for key, _ in (*COLUMNS, ("train_s", "")):
+        for key, _ in (*COLUMNS, ("train_s", ""), ("step_s", "")):
             values = [r[key] for r in done]
             entry[key] = {
                 "mean": round(statistics.fmean(values), 2),
@@ -105,33 +123,38 @@ def summarize(runs: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    head = "| row | " + " | ".join(title for _, title in COLUMNS) + " | train s |"
-    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 1) + "|"]
+    head = "| row | " + " | ".join(title for _, title in COLUMNS) + " | train s | s/step | x base |"
+    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 3) + "|"]
+    base = next((e["step_s"]["mean"] for e in table if e["row"] == "baseline"), None)
     for entry in table:
         cells = [
             f"{entry[k]['mean']:.1f} ± {entry[k]['std']:.1f} ({entry[k]['min']:.1f}-"
             f"{entry[k]['max']:.1f})"
             for k, _ in COLUMNS
         ]
+        step = entry["step_s"]["mean"]
+        ratio = f"{step / base:.2f}" if base else "-"
         lines.append(
-            f"| {entry['row']} | " + " | ".join(cells) + f" | {entry['train_s']['mean']:.0f} |"
+            f"| {entry['row']} | " + " | ".join(cells) + f" | {entry['train_s']['mean']:.0f} "
+            f"| {step:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--data", default="runs/ablation-data", help="benchmark (made if absent)")
-    ap.add_argument("--locations", type=int, default=60)
+    ap.add_argument("--data", default="runs/demo/data", help="benchmark (made if absent)")
+    ap.add_argument("--locations", type=int, default=600)
+    ap.add_argument("--train-fraction", type=float, default=0.85)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--size", type=int, default=64, help="image side, also the model input")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--sample-num", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--sample-num", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--crop-units", choices=("all", "random"), default="random")
+    ap.add_argument("--crop-units", choices=("all", "random"), default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--resume", action="store_true", help="skip the runs already in --out")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ablation.json"))
@@ -139,11 +162,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     if not (data / "metadata.json").is_file():
-        cfg = SynthConfig(locations=args.locations, views=args.views, size=args.size, seed=0)
+        cfg = SynthConfig(
+            locations=args.locations,
+            views=args.views,
+            size=args.size,
+            seed=0,
+            train_fraction=args.train_fraction,
+        )
         generate(cfg, data, overwrite=True, progress=True)
     settings = {
         k: getattr(args, k)
-        for k in ("locations", "views", "size", "epochs", "batch_size", "sample_num", "backbone")
+        for k in (
+            "locations",
+            "train_fraction",
+            "views",
+            "size",
+            "epochs",
+            "batch_size",
+            "sample_num",
+            "backbone",
+        )
     }
     recipe = yaml.safe_load(DEMO_CONFIG.read_text())["model"]
     settings.update(crop_units=args.crop_units, recipe=recipe, data=str(data))

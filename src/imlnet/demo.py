@@ -221,7 +221,7 @@ def _train(args: argparse.Namespace, out: Path, data: Path):
         max_epochs=epochs,
         default_root_dir=str(out),
         logger=CSVLogger(str(out), name="logs", version=""),
-        check_val_every_n_epoch=max(1, epochs // 6),
+        check_val_every_n_epoch=max(1, epochs // 4),
         log_every_n_steps=5,
         enable_model_summary=False,
         num_sanity_val_steps=0,
