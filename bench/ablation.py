@@ -15,7 +15,7 @@ places and 32 distractors, 8 views, 64 px; ``--data runs/demo/data`` reuses a de
 step cost (the fit's seconds over its steps) and the load average around it are recorded, so the
 rows' costs can be compared within one sweep.
 
-    python bench/ablation.py --data runs/demo/data            # 7 rows x 3 seeds
+    python bench/ablation.py --data runs/demo/data            # 7 rows x 3 seeds, about 1 h
     python bench/ablation.py --rows baseline full --seeds 0 --epochs 2   # a quick look
 """
 
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--train-fraction", type=float, default=0.85)
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--size", type=int, default=64, help="image side, also the model input")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--sample-num", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--backbone", default="resnet18")
