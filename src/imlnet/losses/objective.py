@@ -42,8 +42,8 @@ class IMLNetObjective(nn.Module):
       mean over the four unit classifiers (MUML). Without MUML this is the baseline's loss.
     - ``infonce`` (when ``w_infonce > 0`` and ``triplet`` is not ``"infonce"``): symmetric InfoNCE
       on the descriptors *beside* the triplet loss, an auxiliary that uses the whole batch. From
-      scratch, DRCL's batch-hard triplet collapses (every distance equal, loss = margin) before
-      it learns anything on the synthetic benchmark; InfoNCE does not (docs/benchmarks.md).
+      scratch on the synthetic benchmark, DRCL's batch-hard triplet alone collapses (every
+      distance equal, loss = margin) within a CPU budget; InfoNCE does not (docs/benchmarks.md).
     - ``id_crops`` (MUML): the mutual-learning rule (:func:`imlnet.losses.mutual.mutual_crop_loss`)
       per domain, summed over the two domains. ``crop_units="random"`` uses one random unit's
       crop per batch (plus the combined one), a cheaper approximation.
