@@ -29,8 +29,7 @@ from imlnet.data.folders import ViewDataset
 from imlnet.errors import CheckpointError, ImageReadError
 from imlnet.models.imlnet import IMLNet
 from test_bad_files import MESSAGES, Payload, _png_chunk, bad_images
-
-TINY_NET = {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 32}
+from test_training import TINY_NET
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_training import TINY_MODEL
+
 SERVER = textwrap.dedent(
     """
     import hashlib, json, os, random, signal, subprocess, sys, time
@@ -169,14 +171,7 @@ def fit_config(path: Path, data: Path) -> Path:
             ],
         },
         "model": {
-            "model": {
-                "class_path": "imlnet.models.IMLNet",
-                "init_args": {"backbone": "resnet18", "muml_channels": 16, "descriptor_dim": 32},
-            },
-            "objective": {
-                "class_path": "imlnet.losses.IMLNetObjective",
-                "init_args": {"crop_units": "random"},
-            },
+            **TINY_MODEL,
             "optimizer": "adamw",
             "lr": 1e-3,
             "export_dir": "export",
