@@ -29,14 +29,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imlnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from imlnet.evaluation import evaluate_retrieval
+from imlnet.inference import read_image
 from imlnet.io import write_json
 from imlnet.losses import IMLNetObjective
 from imlnet.models.imlnet import IMLNet
 from imlnet.training import training_losses
 
-MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
+STD = torch.tensor(IMAGENET_STD)[:, None, None]
 
 
 def load_view(folder: Path, size: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -45,11 +47,10 @@ def load_view(folder: Path, size: int) -> tuple[list[str], torch.Tensor, torch.T
     images, labels = [], []
     for name in ids:
         for f in sorted((folder / name).iterdir()):
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
-                images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
+            im = read_image(f)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
             labels.append(int(name))
     return ids, torch.stack(images), torch.tensor(labels)
 
