@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--drone-rot", type=float, default=0, help="drone rotation, degrees")
     ap.add_argument("--shift", type=float, default=0.05, help="translation, fraction of side")
     ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--pretrained", default="false", help="false, imagenet or a weights file")
+    ap.add_argument("--freeze-units", type=int, default=0)
+    ap.add_argument("--backbone-lr-mult", type=float, default=1.0)
     ap.add_argument("--muml-channels", type=int, default=128)
     ap.add_argument("--crop-units", default="random", choices=("random", "all"))
     ap.add_argument("--eval-every", type=float, default=1.5, help="training minutes")
@@ -170,6 +173,8 @@ def main() -> None:
         irn=bool(a.irn),
         muml=bool(a.muml),
         muml_channels=a.muml_channels,
+        pretrained=False if a.pretrained == "false" else a.pretrained,
+        freeze_units=a.freeze_units,
     )
     objective = IMLNetObjective(
         triplet=a.triplet,
@@ -182,8 +187,19 @@ def main() -> None:
         crop_units=a.crop_units,
         seed=a.seed,
     )
-    params = [*model.parameters(), *objective.parameters()]
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
+    backbone = {id(p) for p in model.backbone_parameters()}
+    groups = [
+        {
+            "params": [p for p in model.parameters() if id(p) in backbone and p.requires_grad],
+            "mult": a.backbone_lr_mult,
+        },
+        {
+            "params": [p for p in model.parameters() if id(p) not in backbone]
+            + list(objective.parameters()),
+            "mult": 1.0,
+        },
+    ]
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(a.seed)
     train_s, last_eval, step, curve = 0.0, 0.0, 0, []
     while True:
@@ -225,7 +241,7 @@ def main() -> None:
             (step + 1) / a.warmup if warm else 0.5 * (1 + math.cos(math.pi * step / a.steps))
         )
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["mult"]
         places = torch.randperm(n, generator=gen)[: a.batch]
         pick = torch.stack(
             [

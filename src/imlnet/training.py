@@ -74,6 +74,9 @@ class IMLNetModule(L.LightningModule):
             default: DRCL, IRN and MUML terms with unit weights.
         optimizer: ``"sgd"`` (the University-1652 baseline: momentum, nesterov) or ``"adamw"``.
         lr: learning rate of the new layers; the pretrained backbone gets ``lr * backbone_lr_mult``.
+        unit_lr_mult: four multipliers of ``lr``, one per encoder unit (U1 first), in place of
+            ``backbone_lr_mult`` (discriminative fine-tuning: early, generic units move less).
+            Frozen units (``IMLNet(freeze_units=k)``) have no gradients whatever their rate.
         weight_decay, momentum: of the optimiser (momentum: SGD only).
         scheduler: ``"step"`` (x ``gamma`` every ``step_size`` epochs, the baseline), ``"cosine"``
             (to 0 at ``trainer.max_epochs``) or ``"none"``; ``warmup_epochs`` of linear warm-up.
@@ -90,6 +93,7 @@ class IMLNetModule(L.LightningModule):
         optimizer: Literal["sgd", "adamw"] = "sgd",
         lr: float = 0.01,
         backbone_lr_mult: float = 0.1,
+        unit_lr_mult: Sequence[float] | None = None,
         weight_decay: float = 5e-4,
         momentum: float = 0.9,
         scheduler: Literal["step", "cosine", "none"] = "step",
@@ -206,12 +210,19 @@ class IMLNetModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         backbone_ids = {id(p) for p in self.model.backbone_parameters()}
-        backbone = [p for p in self.parameters() if id(p) in backbone_ids and p.requires_grad]
         rest = [p for p in self.parameters() if id(p) not in backbone_ids and p.requires_grad]
-        groups = [
-            {"params": backbone, "lr": hp.lr * hp.backbone_lr_mult},
-            {"params": rest, "lr": hp.lr},
-        ]
+        if hp.unit_lr_mult is not None:
+            mults = [float(m) for m in hp.unit_lr_mult]
+            if len(mults) != 4 or any(m < 0 for m in mults):
+                raise ValueError(f"unit_lr_mult must be four rates >= 0, got {hp.unit_lr_mult}")
+            groups = [
+                {"params": [p for p in params if p.requires_grad], "lr": hp.lr * m}
+                for params, m in zip(self.model.unit_parameters(), mults, strict=True)
+            ]
+        else:
+            backbone = [p for p in self.parameters() if id(p) in backbone_ids and p.requires_grad]
+            groups = [{"params": backbone, "lr": hp.lr * hp.backbone_lr_mult}]
+        groups = [g for g in groups if g["params"]] + [{"params": rest, "lr": hp.lr}]
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(
                 groups, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.momentum > 0

@@ -47,13 +47,20 @@ class UnitFeatures:
     Attributes:
         maps: ``(U1, U2, U3, U4)`` with shapes ``(B, C_i, H / r_i, W / r_i)``, r = 2, 4, 8, 16.
         pool_indices: ``(B, 64, H / 4, W / 4)`` flat arg-max positions of the stem's maxpool
-            within each ``(H / 2) x (W / 2)`` input plane.
-        pre_pool_size: ``(H / 2, W / 2)``, the spatial size of the maxpool's input (= U1).
+            within each ``(H / 2) x (W / 2)`` input plane; ``None`` for an encoder that
+            downsamples by strided convolutions only (the timm families).
+        pre_pool_size: ``(H / 2, W / 2)``, the spatial size of the maxpool's input (= U1), or
+            ``None`` with the indices.
     """
 
     maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-    pool_indices: torch.Tensor
-    pre_pool_size: torch.Size
+    pool_indices: torch.Tensor | None
+    pre_pool_size: torch.Size | None
+
+    def rows(self, index: slice | torch.Tensor) -> UnitFeatures:
+        """The same features for a subset of the batch's rows."""
+        indices = None if self.pool_indices is None else self.pool_indices[index]
+        return UnitFeatures(tuple(m[index] for m in self.maps), indices, self.pre_pool_size)
 
 
 def cache_path(name: str) -> Path:
@@ -123,7 +130,10 @@ class UnitBackbone(nn.Module):
     """A torchvision ResNet-family network as four units (see the module docstring).
 
     The interface follows timm: :meth:`forward_features` gives the last map, :meth:`forward_units`
-    all four, and :attr:`feature_info` their channels and reductions.
+    all four, and :attr:`feature_info` their channels and reductions. Other families
+    (EfficientNet-Lite, MobileNetV3, RegNet ... from timm) plug in through
+    :class:`~imlnet.models.timm_backbone.TimmUnitBackbone` with the same interface;
+    :func:`build_backbone` picks one by name.
 
     Args:
         name: one of :data:`ARCHITECTURES`.
@@ -166,14 +176,44 @@ class UnitBackbone(nn.Module):
         """``[C1, C2, C3, C4]``, the channels of the four units."""
         return [int(f["num_chs"]) for f in self.feature_info]
 
-    def forward_units(self, x: torch.Tensor) -> UnitFeatures:
-        """``(B, 3, H, W)`` -> the four unit maps, the maxpool indices and its input size."""
-        u1 = self.unit1(x)
-        pooled, indices = self.maxpool(u1)
-        u2 = self.layer1(pooled)
-        u3 = self.layer2(u2)
-        u4 = self.layer4(self.layer3(u3))
-        return UnitFeatures((u1, u2, u3, u4), indices, u1.shape[-2:])
+    has_maxpool_indices = True
+
+    def unit_modules(self) -> list[nn.Module]:
+        """The four units' modules, U1 first (for freezing and per-unit learning rates)."""
+        return [
+            self.unit1,
+            nn.ModuleList([self.maxpool, self.layer1]),
+            self.layer2,
+            nn.ModuleList([self.layer3, self.layer4]),
+        ]
+
+    def forward_units(
+        self, x: torch.Tensor, start: int = 0, cached: UnitFeatures | None = None
+    ) -> UnitFeatures:
+        """``(B, 3, H, W)`` -> the four unit maps, the maxpool indices and its input size.
+
+        ``start`` > 0 resumes after unit ``start`` from ``cached`` (the features of a frozen
+        prefix computed earlier; its maps after ``start`` are ignored), and ``x`` is unused.
+        """
+        if start:
+            if cached is None:
+                raise ValueError("forward_units(start > 0) needs the cached prefix features")
+            maps, indices, size = (
+                list(cached.maps[:start]),
+                cached.pool_indices,
+                cached.pre_pool_size,
+            )
+        else:
+            maps, indices, size = [self.unit1(x)], None, None
+        if len(maps) == 1:
+            pooled, indices = self.maxpool(maps[0])
+            size = maps[0].shape[-2:]
+            maps.append(self.layer1(pooled))
+        if len(maps) == 2:
+            maps.append(self.layer2(maps[1]))
+        if len(maps) == 3:
+            maps.append(self.layer4(self.layer3(maps[2])))
+        return UnitFeatures(tuple(maps), indices, size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> U4 ``(B, C4, H / 16, W / 16)``, the map the descriptor pools."""
@@ -212,3 +252,25 @@ def _load_into(net: nn.Module, name: str, pretrained: bool | str | Path) -> None
             f"{path} is not a torchvision {name} state dict: {len(missing)} weights missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
+
+
+def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Module:
+    """The four-unit encoder of ``name``: a torchvision ResNet of :data:`ARCHITECTURES` (with
+    max-unpooling indices), else any timm CNN (:class:`.timm_backbone.TimmUnitBackbone`).
+
+    ``pretrained``: ``False``, ``True``/``"imagenet"`` (never downloaded: torchvision's cache for
+    the ResNets, the installed weights package for EfficientNet-Lite0/1/2, torch.hub's cache for
+    other timm models) or the path of a weights file.
+    """
+    if pretrained == "imagenet":
+        pretrained = True
+    if name in ARCHITECTURES:
+        return UnitBackbone(name, pretrained)
+    from imlnet.models.timm_backbone import TimmUnitBackbone, is_timm_backbone
+
+    if not is_timm_backbone(name):
+        raise ValueError(
+            f"backbone must be one of {sorted(ARCHITECTURES)} (torchvision) or a timm CNN such "
+            f"as tf_efficientnet_lite0, mobilenetv3_large_100, regnety_008; got {name!r}"
+        )
+    return TimmUnitBackbone(name, pretrained)

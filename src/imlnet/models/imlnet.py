@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from imlnet.losses.drcl import to_sphere
-from imlnet.models.backbone import UnitBackbone, UnitFeatures
+from imlnet.models.backbone import UnitBackbone, UnitFeatures, build_backbone
 from imlnet.models.irn import IRNDecoder
 from imlnet.models.muml import CROP_NAMES, build_heads, crop_resize, unit_attention
 from imlnet.models.outputs import IMLNetOutput, TrainOutput
@@ -64,6 +64,9 @@ class IMLNet(nn.Module):
         theta: threshold of the normalised CAMs, in [0, 1).
         crop_padding: padding of a crop box, as a fraction of its size per side.
         dropout: before the descriptor classifier (the baseline's 0.5).
+        freeze_units: the first k encoder units (0..4) keep their (pretrained) weights: no
+            gradients, and batch norm in eval mode (ImageNet statistics) even in training. MUML
+            heads on frozen units still train; the frozen prefix runs without autograd.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class IMLNet(nn.Module):
         theta: float = 0.5,
         crop_padding: float = 0.1,
         dropout: float = 0.5,
+        freeze_units: int = 0,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -98,6 +102,8 @@ class IMLNet(nn.Module):
             raise ValueError(f"muml_head must be 'pooled' or 'paper', got {muml_head!r}")
         if descriptor_dim < 1 or muml_channels < 1:
             raise ValueError("descriptor_dim and muml_channels must be >= 1")
+        if not 0 <= int(freeze_units) <= 4:
+            raise ValueError(f"freeze_units must be in 0..4, got {freeze_units}")
         self._config: dict[str, Any] = {
             "num_classes": int(num_classes),
             "backbone": backbone,
@@ -113,6 +119,7 @@ class IMLNet(nn.Module):
             "theta": float(theta),
             "crop_padding": float(crop_padding),
             "dropout": float(dropout),
+            "freeze_units": int(freeze_units),
         }
         #: how the model was trained (e.g. ``image_size``), saved with it; see save_pretrained
         self.meta: dict[str, Any] = {}
@@ -121,12 +128,12 @@ class IMLNet(nn.Module):
         self.descriptor_dim = int(descriptor_dim)
         self.theta, self.crop_padding = float(theta), float(crop_padding)
         if share_weights:
-            self.encoder: UnitBackbone | None = UnitBackbone(backbone, pretrained)
+            self.encoder: UnitBackbone | None = build_backbone(backbone, pretrained)
             self.encoders: nn.ModuleDict | None = None
         else:
             self.encoder = None
             self.encoders = nn.ModuleDict(
-                {d: UnitBackbone(backbone, pretrained) for d in ("drone", "satellite")}
+                {d: build_backbone(backbone, pretrained) for d in ("drone", "satellite")}
             )
         channels = self._encoder("drone").channels
         self.pool = GeM() if pool == "gem" else AvgPool()
@@ -136,9 +143,13 @@ class IMLNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(descriptor_dim, num_classes)
         _init_like_baseline(self.bottleneck, self.classifier)
-        self.irn = IRNDecoder(channels) if irn else None
+        maxpool = bool(self._encoder("drone").has_maxpool_indices)
+        self.irn = IRNDecoder(channels, maxpool_indices=maxpool) if irn else None
         info = self._encoder("drone").feature_info
         self.heads = build_heads(info, muml_channels, num_classes, muml_head) if muml else None
+        self.freeze_units = int(freeze_units)
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
 
     # ----------------------------------------------------------------- structure
     @property
@@ -162,6 +173,27 @@ class IMLNet(nn.Module):
         if self.encoder is not None:
             return self.encoder
         return self.encoders[domain]  # type: ignore[index]
+
+    def _encoders(self) -> list[nn.Module]:
+        return [self.encoder] if self.encoder is not None else list(self.encoders.values())
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        return [u for enc in self._encoders() for u in enc.unit_modules()[: self.freeze_units]]
+
+    def train(self, mode: bool = True) -> IMLNet:
+        """As ``nn.Module.train``, but frozen units stay in eval mode (fixed batch-norm stats)."""
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def unit_parameters(self) -> list[list[nn.Parameter]]:
+        """The encoder parameters of each unit, U1 first (both encoders without sharing)."""
+        per_unit: list[list[nn.Parameter]] = [[], [], [], []]
+        for enc in self._encoders():
+            for i, unit in enumerate(enc.unit_modules()):
+                per_unit[i].extend(unit.parameters())
+        return per_unit
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the (pretrained) encoder(s), which optimisers give a lower rate."""
@@ -200,8 +232,7 @@ class IMLNet(nn.Module):
         rec = None
         if self.irn is not None and reconstruct is not False:
             if isinstance(reconstruct, slice):
-                maps = tuple(m[reconstruct] for m in units.maps)
-                units = UnitFeatures(maps, units.pool_indices[reconstruct], units.pre_pool_size)
+                units = units.rows(reconstruct)
             rec = self.irn(units)
         return IMLNetOutput(descriptor, embedding, logits, unit_logits, unit_maps, rec)
 

@@ -49,21 +49,38 @@ class IRNDecoder(nn.Module):
     Only U4 (the map the descriptor is pooled from) and the maxpool's indices are used, so the
     reconstruction loss shapes the features that retrieval uses.
 
+    For an encoder that downsamples by strided convolutions only (EfficientNet-Lite, MobileNetV3,
+    RegNet from timm: ``maxpool_indices=False``), the step U2 -> U1 is a learned 4x4 stride-2
+    transposed convolution instead of the unpooling, and the last step mirrors a 3x3 stride-2
+    stem with a 4x4 stride-2 transposed convolution (the ResNet's 7x7 conv1 keeps its 7x7).
+
     Args:
         channels: ``[C1, C2, C3, C4]`` of the encoder (``UnitBackbone.channels``).
+        maxpool_indices: whether the encoder's U2 max-pools and records the arg-max
+            (``has_maxpool_indices`` of the backbone).
     """
 
-    def __init__(self, channels: list[int]) -> None:
+    def __init__(self, channels: list[int], maxpool_indices: bool = True) -> None:
         super().__init__()
         c1, c2, c3, c4 = channels
         self.up4 = _stage(c4, c3, upsample=True)  # U4 @ H/16 -> H/8 (layer3 halved, layer4 kept)
         self.up3 = _stage(c3, c2, upsample=True)  # U3 @ H/8 -> H/4 (layer2 halved)
-        self.up2 = _stage(c2, c1, upsample=False)  # U2 @ H/4, to the stem's 64 channels (layer1)
-        self.unpool = nn.MaxUnpool2d(kernel_size=3, stride=2, padding=1)  # H/4 -> H/2 (maxpool)
-        self.to_image = nn.ConvTranspose2d(c1, 3, 7, stride=2, padding=3, output_padding=1)
+        # U2 @ H/4, to the stem's channels; without unpooling this stage also doubles the size
+        self.up2 = _stage(c2, c1, upsample=not maxpool_indices)
+        self.unpool = (
+            nn.MaxUnpool2d(kernel_size=3, stride=2, padding=1) if maxpool_indices else None
+        )  # H/4 -> H/2 (maxpool)
+        self.to_image = (
+            nn.ConvTranspose2d(c1, 3, 7, stride=2, padding=3, output_padding=1)
+            if maxpool_indices
+            else nn.ConvTranspose2d(c1, 3, 4, stride=2, padding=1)
+        )
 
     def forward(self, features: UnitFeatures) -> torch.Tensor:
         """Unit features of a ``(B, 3, H, W)`` batch -> ``(B, 3, H, W)`` (normalised space)."""
         x = self.up2(self.up3(self.up4(features.maps[3])))
-        x = self.unpool(x, features.pool_indices, output_size=features.pre_pool_size)
+        if self.unpool is not None:
+            if features.pool_indices is None:
+                raise ValueError("this IRN decoder unpools: it needs the encoder's maxpool indices")
+            x = self.unpool(x, features.pool_indices, output_size=features.pre_pool_size)
         return self.to_image(x)
