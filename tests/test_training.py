@@ -268,6 +268,7 @@ def _objective_args(objective: IMLNetObjective) -> dict[str, object]:
         "triplet": objective.triplet,
         "margin": objective.margin,
         "crop_units": objective.crop_units,
+        "crop_rows": objective.crop_rows,
         "seed": objective.seed,
         "w_rec": w["rec"],
         "w_rec_satellite": w["rec_satellite"],
@@ -361,19 +362,21 @@ def test_ablation_rows(row: str, synth: Path, tmp_path: Path) -> None:
 def test_demo_and_ablation_train_the_demo_config(synth: Path, tmp_path: Path) -> None:
     """``recipe_run`` is configs/demo.yaml with the demo's own flags and a row on top."""
     kw = {"size": 32, "batch_size": 3, "sample_num": 2, "seed": 5, "backbone": "resnet18"}
+    kw["pretrained"] = "false"  # the recipe's ImageNet weights are EfficientNet-Lite0's
     row = REPO / "configs" / "ablations" / "drcl.yaml"
     dm, module = recipe_run(
         synth, **kw, crop_units="all", export_dir=tmp_path / "x", overlays=[row]
     )
     want = _expected([DEMO_CONFIG, row])
     want["model"]["backbone"] = "resnet18"
+    want["model"]["pretrained"] = False
     want["objective"]["crop_units"] = "all"
     want["objective"]["seed"] = 5  # each seed draws its own crop units
     cli = SimpleNamespace(model=module, datamodule=dm)
     _check(cli, want)
     assert module.model.config["muml_channels"] == 128 and not module.model.muml_enabled
     assert (dm.image_size, dm.batch_size, dm.sample_num, dm.seed) == (32, 3, 2, 5)
-    assert dm.eval_batch_size == 64  # from the config
+    assert dm.eval_batch_size == 128  # from the config
     assert module.hparams["export_dir"] == str(tmp_path / "x")
 
 

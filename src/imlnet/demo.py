@@ -38,6 +38,7 @@ def recipe_run(
     batch_size: int | None = None,
     sample_num: int | None = None,
     backbone: str | None = None,
+    pretrained: str | None = None,
     crop_units: str | None = None,
     overlays: Sequence[str | Path] = (),
 ):
@@ -51,7 +52,8 @@ def recipe_run(
         size, seed: the data module's image size and seed (``seed`` also seeds the weights and
             the objective's draw of MUML crop units, so seeds differ in every random choice).
         export_dir: where the trained model is exported.
-        batch_size, sample_num, backbone, crop_units: override the recipe's (None keeps it).
+        batch_size, sample_num, backbone, pretrained, crop_units: override the recipe's (None
+            keeps it); ``pretrained`` is ``"false"``, ``"imagenet"`` or a weights file.
         overlays: more config files on top (``configs/ablations/<row>.yaml``).
 
     Returns:
@@ -69,6 +71,7 @@ def recipe_run(
         ("--data.batch_size", batch_size),
         ("--data.sample_num", sample_num),
         ("--model.model.init_args.backbone", backbone),
+        ("--model.model.init_args.pretrained", pretrained),
         ("--model.objective.init_args.crop_units", crop_units),
     ):
         if value is not None:
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--locations", type=int, default=600, help="train+test locations")
     ap.add_argument("--train-fraction", type=float, default=0.85)
     ap.add_argument("--views", type=int, default=8, help="drone views per location")
-    add_common(ap, image_size=64, workers=True)
+    add_common(ap, image_size=128, workers=True)
     ap.set_defaults(workers=None)  # the generator picks one rendering process per core
     ap.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
     ap.add_argument(

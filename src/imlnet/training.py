@@ -32,6 +32,8 @@ from imlnet.checkpoints import (
 from imlnet.evaluation import evaluate_views
 from imlnet.inference import embed, view_domain
 from imlnet.losses import IMLNetObjective
+from imlnet.models.backbone import UnitFeatures
+from imlnet.models.cache import PrefixCache
 from imlnet.models.imlnet import IMLNet
 
 
@@ -41,12 +43,15 @@ def training_losses(
     drone: torch.Tensor,
     satellite: torch.Tensor,
     labels: torch.Tensor,
+    prefixes: tuple[UnitFeatures, UnitFeatures] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One training step's named loss parts: the model runs once, the objective scores its output.
 
     Args:
         model: the network; objective: the loss parts and weights.
         drone: ``(B, 3, H, W)``; satellite: ``(B, 3, H, W)``; labels: ``(B,)``.
+        prefixes: cached frozen-unit features of ``drone`` and ``satellite``
+            (:class:`~imlnet.models.cache.PrefixCache`), or None to compute them.
 
     Returns:
         :meth:`IMLNetObjective.forward`'s parts, ``"total"`` included.
@@ -57,6 +62,8 @@ def training_losses(
         labels,
         crop_units=objective.next_crop_units(),
         reconstruct_satellite=objective.reconstruct_satellite,
+        prefixes=prefixes,
+        crop_rows=objective.crop_rows,
     )
     return objective(out, satellite, labels)
 
@@ -84,6 +91,12 @@ class IMLNetModule(L.LightningModule):
         monitor: the metric that picks the exported model.
         export_dir: where the best model is saved as safetensors (default: ``<log dir>/export``).
         channels_last: NHWC memory format (faster convolutions with AMP on GPUs).
+        cache_frozen: compute the frozen units' features (``IMLNet(freeze_units=k)``) of every
+            training image once, before the first step, and resume the encoder after them
+            (:class:`~imlnet.models.cache.PrefixCache`). Needs ``data.augment: false``: the
+            cache holds the images as they are, the satellite images at four rotations by 90
+            degrees, one of which the module draws per pair (its augmentation). MUML crops are
+            new images and pass the whole encoder.
     """
 
     def __init__(
@@ -104,6 +117,7 @@ class IMLNetModule(L.LightningModule):
         monitor: str = "val/R@1",
         export_dir: str | None = None,
         channels_last: bool = False,
+        cache_frozen: bool = False,
     ) -> None:
         super().__init__()
         # The parts are modules (saved in the state dict); their arguments are in the CLI's
@@ -113,18 +127,76 @@ class IMLNetModule(L.LightningModule):
         self.objective = objective if objective is not None else IMLNetObjective()
         self._features: dict[int, list[torch.Tensor]] = {}
         self._labels: dict[int, list[torch.Tensor]] = {}
+        self._cache: PrefixCache | None = None
 
     # ------------------------------------------------------------------ training
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_fit_start(self) -> None:
+        if self.hparams.cache_frozen:
+            self._cache = self._build_cache()
+
+    def _build_cache(self) -> PrefixCache:
+        if not self.model.freeze_units:
+            raise ValueError(
+                "cache_frozen needs frozen units: set model.init_args.freeze_units >= 1 "
+                "(or cache_frozen: false)"
+            )
+        dm = getattr(self.trainer, "datamodule", None)
+        train = getattr(dm, "train_set", None)
+        if train is None or not hasattr(train, "drone_files"):
+            raise ValueError("cache_frozen needs a CrossViewDataModule's training set")
+        if getattr(dm, "augment", False):
+            raise ValueError(
+                "cache_frozen caches the training images as they are: set data.augment: false "
+                "(the module then rotates each satellite image by a random multiple of 90 "
+                "degrees, which the cache holds)"
+            )
+        from imlnet.data.images import read_image
+
+        items = []
+        for bid in train.classes:
+            items += [(str(p), "drone", 0) for p in train.drone_files[bid]]
+            items += [
+                (str(p), "satellite", r) for p in train.satellite_files[bid] for r in range(4)
+            ]
+        transforms = {"drone": train.drone_transform, "satellite": train.satellite_transform}
+
+        def load(path: str, domain: str) -> torch.Tensor:
+            image = read_image(path)
+            transform = transforms[domain]
+            return transform(image) if transform is not None else image
+
+        return PrefixCache.build(
+            self.model, items, load, device=self.device, progress=self.trainer.is_global_zero
+        )
+
+    def _cached_inputs(self, batch: dict[str, Any]):
+        """Satellite images rotated by a random multiple of 90 degrees, and both prefixes."""
+        sat = batch["satellite"]
+        rot = torch.randint(4, (sat.shape[0],))  # the global generator: resumes exactly
+        sat = torch.stack(
+            [torch.rot90(s, int(k), dims=(1, 2)) for s, k in zip(sat, rot, strict=True)]
+        )
+        assert self._cache is not None
+        prefixes = (
+            self._cache.get(batch["drone_path"], None, self.device),
+            self._cache.get(batch["satellite_path"], rot.tolist(), self.device),
+        )
+        return sat, prefixes
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        satellite, prefixes = batch["satellite"], None
+        if self._cache is not None:
+            satellite, prefixes = self._cached_inputs(batch)
         parts = training_losses(
             self.model,
             self.objective,
             self._prepare(batch["drone"]),
-            self._prepare(batch["satellite"]),
+            self._prepare(satellite),
             batch["label"],
+            prefixes,
         )
         bs = batch["label"].shape[0]
         for name, value in parts.items():

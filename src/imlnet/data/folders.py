@@ -125,11 +125,11 @@ class PairedViewDataset(Dataset):
         start = repetition % len(files)
         return [files[perm[(start + k) % len(files)]] for k in range(len(files))]
 
-    def _first_readable(self, files: list[Path], what: str, building: str) -> Tensor:
+    def _first_readable(self, files: list[Path], what: str, building: str) -> tuple[Tensor, Path]:
         for path in files:
             image = self._bad.read(path)
             if image is not None:
-                return image
+                return image, path
         raise ImageReadError(
             f"training building {building} has no readable {what} image "
             f"(all of {[str(p) for p in files]} failed to decode). Replace the files: a "
@@ -141,15 +141,18 @@ class PairedViewDataset(Dataset):
 
         Returns:
             ``{"drone": (3, H, W), "satellite": (3, H, W), "label": int64 scalar,
-            "building": str}``.
+            "building": str, "drone_path": str, "satellite_path": str}`` (the paths key a
+            cache of frozen-unit features, :class:`imlnet.models.cache.PrefixCache`).
         """
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index %= len(self)
         b, rep = index % len(self.classes), index // len(self.classes)
         bid = self.classes[b]
-        drone = self._first_readable(self._order(self.drone_files[bid], b, rep, 0), "drone", bid)
-        satellite = self._first_readable(
+        drone, drone_path = self._first_readable(
+            self._order(self.drone_files[bid], b, rep, 0), "drone", bid
+        )
+        satellite, satellite_path = self._first_readable(
             self._order(self.satellite_files[bid], b, rep, 1), "satellite", bid
         )
         with torch.random.fork_rng(devices=[]):
@@ -158,7 +161,14 @@ class PairedViewDataset(Dataset):
                 drone = self.drone_transform(drone)
             if self.satellite_transform is not None:
                 satellite = self.satellite_transform(satellite)
-        return {"drone": drone, "satellite": satellite, "label": _as_label(b), "building": bid}
+        return {
+            "drone": drone,
+            "satellite": satellite,
+            "label": _as_label(b),
+            "building": bid,
+            "drone_path": str(drone_path),
+            "satellite_path": str(satellite_path),
+        }
 
     def verify_images(self, *, progress: bool = True) -> list[str]:
         """Decode every image; return the unreadable files.

@@ -53,6 +53,9 @@ class IMLNetObjective(nn.Module):
         margin: triplet margin (for DRCL in the units of the radius: distances lie in [0, 2r]).
         w_rec, w_rec_satellite, w_drcl, w_id, w_crop, w_infonce: loss weights.
         crop_units: ``"all"`` (every unit's crop, the paper) or ``"random"``.
+        crop_rows: MUML crops of the first ``crop_rows`` pairs of a batch only (None: every
+            pair, the paper): the crops pass the whole encoder, frozen units included, so on a
+            small budget a sub-batch of crops leaves the steps to the originals.
         seed: of the random unit choice; the draw of call k depends only on (seed, k), and k is
             a buffer, so a resumed run continues the same sequence.
         temperature, learn_temperature, label_smoothing: of InfoNCE (``triplet="infonce"`` or
@@ -69,6 +72,7 @@ class IMLNetObjective(nn.Module):
         w_crop: float = 1.0,
         w_rec_satellite: float = 0.0,
         crop_units: Literal["all", "random"] = "all",
+        crop_rows: int | None = None,
         seed: int = 0,
         temperature: float = 0.07,
         learn_temperature: bool = True,
@@ -80,6 +84,9 @@ class IMLNetObjective(nn.Module):
             raise ValueError(f"triplet must be one of {TRIPLETS}, got {triplet!r}")
         if crop_units not in ("all", "random"):
             raise ValueError(f"crop_units must be 'all' or 'random', got {crop_units!r}")
+        if crop_rows is not None and int(crop_rows) < 1:
+            raise ValueError(f"crop_rows must be >= 1 or None, got {crop_rows}")
+        self.crop_rows = None if crop_rows is None else int(crop_rows)
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         if w_infonce < 0 or (w_infonce > 0 and triplet == "infonce"):
@@ -152,8 +159,10 @@ class IMLNetObjective(nn.Module):
         if s.reconstruction is not None and self.reconstruct_satellite:
             parts["rec_satellite"] = reconstruction_loss(s.reconstruction, satellite)
         if out.drone_crops is not None and out.satellite_crops is not None:
+            # crops of the first n pairs (IMLNet.forward_train's crop_rows), per crop set
+            n = out.drone_crops.logits.shape[0] // (len(out.crop_units) + 1)
             parts["id_crops"] = sum(
-                mutual_crop_loss(c.logits, c.unit_logits, labels, out.crop_units)
+                mutual_crop_loss(c.logits, c.unit_logits, labels[:n], out.crop_units)
                 for c in (out.drone_crops, out.satellite_crops)
             )
         self.calls += 1

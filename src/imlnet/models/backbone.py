@@ -57,6 +57,20 @@ class UnitFeatures:
     pool_indices: torch.Tensor | None
     pre_pool_size: torch.Size | None
 
+    @staticmethod
+    def cat(parts: list[UnitFeatures]) -> UnitFeatures:
+        """The features of the concatenated batches (same number of maps in every part)."""
+        maps = tuple(torch.cat(m) for m in zip(*(p.maps for p in parts), strict=True))
+        has = [p.pool_indices is not None for p in parts]
+        indices = torch.cat([p.pool_indices for p in parts]) if all(has) else None
+        return UnitFeatures(maps, indices, parts[0].pre_pool_size)
+
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> UnitFeatures:
+        """Maps cast to ``dtype`` (and moved); the indices keep their integer type."""
+        maps = tuple(m.to(device=device, dtype=dtype) for m in self.maps)
+        idx = None if self.pool_indices is None else self.pool_indices.to(device)
+        return UnitFeatures(maps, idx, self.pre_pool_size)
+
     def rows(self, index: slice | torch.Tensor) -> UnitFeatures:
         """The same features for a subset of the batch's rows."""
         indices = None if self.pool_indices is None else self.pool_indices[index]
@@ -140,12 +154,21 @@ class UnitBackbone(nn.Module):
         pretrained: ``False`` (random init), ``True`` (ImageNet weights from torchvision's cache,
             never downloaded) or the path of a weights file (``.pth``/``.pt``/``.safetensors``)
             holding a torchvision state dict of the same architecture (``fc.*`` may be absent).
+        last_stages: ``"dilated"`` (layer4 with stride 1, the default) or ``"dropped"``
+            (U4 = layer3; layer4's weights are not kept).
     """
 
-    def __init__(self, name: str = "resnet50", pretrained: bool | str | Path = False) -> None:
+    def __init__(
+        self,
+        name: str = "resnet50",
+        pretrained: bool | str | Path = False,
+        last_stages: str = "dilated",
+    ) -> None:
         super().__init__()
         if name not in ARCHITECTURES:
             raise ValueError(f"backbone must be one of {sorted(ARCHITECTURES)}, got {name!r}")
+        if last_stages not in ("dilated", "dropped"):
+            raise ValueError(f"last_stages must be 'dilated' or 'dropped', got {last_stages!r}")
         net = ARCHITECTURES[name][0](weights=None)
         if pretrained is not False:
             _load_into(net, name, pretrained)
@@ -162,9 +185,11 @@ class UnitBackbone(nn.Module):
         # Same geometry as torchvision's maxpool (no weights), but it also returns the arg-max.
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, return_indices=True)
         self.layer1, self.layer2 = net.layer1, net.layer2
-        self.layer3, self.layer4 = net.layer3, net.layer4
+        # "dropped": U4 = layer3 alone (layer4 is the stage the classifier runs at stride 32)
+        self.layer3 = net.layer3
+        self.layer4 = net.layer4 if last_stages == "dilated" else nn.Identity()
         chs = [net.bn1.num_features, *(_out_channels(m) for m in (net.layer1, net.layer2))]
-        chs.append(_out_channels(net.layer4))
+        chs.append(_out_channels(net.layer4 if last_stages == "dilated" else net.layer3))
         #: channels and reduction of each unit, as timm's ``feature_info``
         self.feature_info: list[dict[str, int | str]] = [
             {"num_chs": c, "reduction": r, "module": f"unit{i + 1}"}
@@ -188,12 +213,17 @@ class UnitBackbone(nn.Module):
         ]
 
     def forward_units(
-        self, x: torch.Tensor, start: int = 0, cached: UnitFeatures | None = None
+        self,
+        x: torch.Tensor | None,
+        start: int = 0,
+        cached: UnitFeatures | None = None,
+        stop: int = 4,
     ) -> UnitFeatures:
         """``(B, 3, H, W)`` -> the four unit maps, the maxpool indices and its input size.
 
         ``start`` > 0 resumes after unit ``start`` from ``cached`` (the features of a frozen
         prefix computed earlier; its maps after ``start`` are ignored), and ``x`` is unused.
+        ``stop`` < 4 ends after unit ``stop`` (a prefix, e.g. for caching frozen units).
         """
         if start:
             if cached is None:
@@ -205,13 +235,13 @@ class UnitBackbone(nn.Module):
             )
         else:
             maps, indices, size = [self.unit1(x)], None, None
-        if len(maps) == 1:
+        if len(maps) == 1 and stop > 1:
             pooled, indices = self.maxpool(maps[0])
             size = maps[0].shape[-2:]
             maps.append(self.layer1(pooled))
-        if len(maps) == 2:
+        if len(maps) == 2 and stop > 2:
             maps.append(self.layer2(maps[1]))
-        if len(maps) == 3:
+        if len(maps) == 3 and stop > 3:
             maps.append(self.layer4(self.layer3(maps[2])))
         return UnitFeatures(tuple(maps), indices, size)
 
@@ -254,18 +284,22 @@ def _load_into(net: nn.Module, name: str, pretrained: bool | str | Path) -> None
         )
 
 
-def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Module:
+def build_backbone(
+    name: str, pretrained: bool | str | Path = False, last_stages: str = "dilated"
+) -> nn.Module:
     """The four-unit encoder of ``name``: a torchvision ResNet of :data:`ARCHITECTURES` (with
     max-unpooling indices), else any timm CNN (:class:`.timm_backbone.TimmUnitBackbone`).
 
     ``pretrained``: ``False``, ``True``/``"imagenet"`` (never downloaded: torchvision's cache for
     the ResNets, the installed weights package for EfficientNet-Lite0/1/2, torch.hub's cache for
-    other timm models) or the path of a weights file.
+    other timm models) or the path of a weights file. ``last_stages``: ``"dilated"`` keeps the
+    stride-32 stages at stride 16 (ResNet: layer4 with stride 1), ``"dropped"`` ends U4 at the
+    last stride-16 stage (ResNet: layer3).
     """
     if pretrained == "imagenet":
         pretrained = True
     if name in ARCHITECTURES:
-        return UnitBackbone(name, pretrained)
+        return UnitBackbone(name, pretrained, last_stages)
     from imlnet.models.timm_backbone import TimmUnitBackbone, is_timm_backbone
 
     if not is_timm_backbone(name):
@@ -273,4 +307,4 @@ def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Modul
             f"backbone must be one of {sorted(ARCHITECTURES)} (torchvision) or a timm CNN such "
             f"as tf_efficientnet_lite0, mobilenetv3_large_100, regnety_008; got {name!r}"
         )
-    return TimmUnitBackbone(name, pretrained)
+    return TimmUnitBackbone(name, pretrained, last_stages)

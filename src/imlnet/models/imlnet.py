@@ -64,6 +64,9 @@ class IMLNet(nn.Module):
         theta: threshold of the normalised CAMs, in [0, 1).
         crop_padding: padding of a crop box, as a fraction of its size per side.
         dropout: before the descriptor classifier (the baseline's 0.5).
+        last_stages: ``"dilated"`` (the stages a classifier runs at stride 32 kept at stride 16:
+            ResNet's layer4 with stride 1, the paper's) or ``"dropped"`` (U4 ends at the last
+            stride-16 stage; :func:`imlnet.models.backbone.build_backbone`).
         freeze_units: the first k encoder units (0..4) keep their (pretrained) weights: no
             gradients, and batch norm in eval mode (ImageNet statistics) even in training. MUML
             heads on frozen units still train; the frozen prefix runs without autograd.
@@ -85,6 +88,7 @@ class IMLNet(nn.Module):
         theta: float = 0.5,
         crop_padding: float = 0.1,
         dropout: float = 0.5,
+        last_stages: Literal["dilated", "dropped"] = "dilated",
         freeze_units: int = 0,
     ) -> None:
         super().__init__()
@@ -119,6 +123,7 @@ class IMLNet(nn.Module):
             "theta": float(theta),
             "crop_padding": float(crop_padding),
             "dropout": float(dropout),
+            "last_stages": last_stages,
             "freeze_units": int(freeze_units),
         }
         #: how the model was trained (e.g. ``image_size``), saved with it; see save_pretrained
@@ -128,12 +133,15 @@ class IMLNet(nn.Module):
         self.descriptor_dim = int(descriptor_dim)
         self.theta, self.crop_padding = float(theta), float(crop_padding)
         if share_weights:
-            self.encoder: UnitBackbone | None = build_backbone(backbone, pretrained)
+            self.encoder: UnitBackbone | None = build_backbone(backbone, pretrained, last_stages)
             self.encoders: nn.ModuleDict | None = None
         else:
             self.encoder = None
             self.encoders = nn.ModuleDict(
-                {d: build_backbone(backbone, pretrained) for d in ("drone", "satellite")}
+                {
+                    d: build_backbone(backbone, pretrained, last_stages)
+                    for d in ("drone", "satellite")
+                }
             )
         channels = self._encoder("drone").channels
         self.pool = GeM() if pool == "gem" else AvgPool()
@@ -210,17 +218,25 @@ class IMLNet(nn.Module):
         return to_sphere(embedding, self.radius), embedding
 
     def forward(
-        self, x: torch.Tensor, domain: Domain = "drone", reconstruct: bool | slice | None = None
+        self,
+        x: torch.Tensor | None,
+        domain: Domain = "drone",
+        reconstruct: bool | slice | None = None,
+        prefix: UnitFeatures | None = None,
     ) -> IMLNetOutput:
         """``(B, 3, H, W)`` images of one domain (H, W divisible by 32) -> :class:`IMLNetOutput`.
 
         Args:
-            x: normalised images.
+            x: normalised images (unused when ``prefix`` is given).
             domain: which encoder (when ``share_weights=False``).
             reconstruct: run the IRN decoder; default: whenever it exists. A slice decodes only
                 those rows (the reconstruction then has only them).
+            prefix: the frozen units' features of these images, computed earlier
+                (:meth:`frozen_prefix`, e.g. cached once for a whole training set): the encoder
+                resumes after them. The same output as from the images.
         """
-        units = self._encoder(domain).forward_units(x)
+        start = self.freeze_units if prefix is not None else 0
+        units = self._encoder(domain).forward_units(x, start=start, cached=prefix)
         descriptor, embedding = self.descriptor_head(units.maps[3])
         logits = self.classifier(self.dropout(embedding))
         unit_maps: tuple[torch.Tensor, ...] = ()
@@ -239,6 +255,17 @@ class IMLNet(nn.Module):
     def encode(self, x: torch.Tensor, domain: Domain = "drone") -> torch.Tensor:
         """Retrieval descriptors ``(B, D)`` of radius r of ``(B, 3, H, W)`` images (no IRN/MUML)."""
         return self.descriptor_head(self._encoder(domain).forward_features(x))[0]
+
+    @torch.no_grad()
+    def frozen_prefix(self, x: torch.Tensor, domain: Domain = "drone") -> UnitFeatures:
+        """The frozen units' features of ``(B, 3, H, W)`` images (``freeze_units`` maps).
+
+        They do not change in training (no gradients, batch norm in eval mode), so a trainer
+        may compute them once per image and pass them to :meth:`forward` / :meth:`forward_train`.
+        """
+        if not self.freeze_units:
+            raise RuntimeError("frozen_prefix needs frozen units: build with freeze_units >= 1")
+        return self._encoder(domain).forward_units(x, stop=self.freeze_units)
 
     def forward_units(self, x: torch.Tensor, domain: Domain = "drone") -> UnitFeatures:
         """The encoder's four unit maps of ``(B, 3, H, W)`` images (for figures and analysis)."""
@@ -301,6 +328,8 @@ class IMLNet(nn.Module):
         labels: torch.Tensor,
         crop_units: Sequence[int] = (0, 1, 2, 3),
         reconstruct_satellite: bool = False,
+        prefixes: tuple[UnitFeatures, UnitFeatures] | None = None,
+        crop_rows: int | None = None,
     ) -> TrainOutput:
         """Everything one training step needs: the originals' outputs and the MUML crops' outputs.
 
@@ -315,6 +344,11 @@ class IMLNet(nn.Module):
             crop_units: 0-based units whose crops to take (each once); the combined map's crop
                 is always taken. ``(0, 1, 2, 3)`` is the paper.
             reconstruct_satellite: also reconstruct the satellite images (autoencoding target).
+            prefixes: the frozen units' features of ``drone`` and ``satellite``
+                (:meth:`frozen_prefix`, cached): the originals' pass resumes after them. The
+                crops are new images and always pass the whole encoder.
+            crop_rows: take the MUML crops of the first ``crop_rows`` pairs only (None: all):
+                the crops' pass costs (len(crop_units) + 1) x the originals' per pair.
 
         Returns:
             A :class:`TrainOutput`.
@@ -323,12 +357,17 @@ class IMLNet(nn.Module):
         if len(set(units)) != len(units) or not all(0 <= u < 4 for u in units):
             raise ValueError(f"crop_units must be distinct units in 0..3, got {crop_units!r}")
         rec = self.irn is not None
-        out_d, out_s = self._forward_pair(drone, satellite, rec, rec and reconstruct_satellite)
+        out_d, out_s = self._forward_pair(
+            drone, satellite, rec, rec and reconstruct_satellite, prefixes
+        )
         if self.heads is None:
             return TrainOutput(out_d, out_s)
+        n = drone.shape[0] if crop_rows is None else max(1, min(int(crop_rows), drone.shape[0]))
         batches = []
         for images, out, domain in ((drone, out_d, "drone"), (satellite, out_s, "satellite")):
-            _, boxes = self.attention(images, labels, domain, output=out)
+            if n < images.shape[0]:
+                images, out = images[:n], out.split(n)[0]
+            _, boxes = self.attention(images, labels[:n], domain, output=out)
             with torch.no_grad():
                 picked = [crop_resize(images, boxes[i]) for i in (*units, len(CROP_NAMES) - 1)]
             batches.append(torch.cat(picked))
@@ -336,7 +375,12 @@ class IMLNet(nn.Module):
         return TrainOutput(out_d, out_s, units, crops_d, crops_s)
 
     def _forward_pair(
-        self, drone: torch.Tensor, satellite: torch.Tensor, rec_drone: bool, rec_satellite: bool
+        self,
+        drone: torch.Tensor,
+        satellite: torch.Tensor,
+        rec_drone: bool,
+        rec_satellite: bool,
+        prefixes: tuple[UnitFeatures, UnitFeatures] | None = None,
     ) -> tuple[IMLNetOutput, IMLNetOutput]:
         """Forward passes of a drone batch and a satellite batch.
 
@@ -350,16 +394,18 @@ class IMLNet(nn.Module):
         reconstruction is asked for (the drone images, unless the satellite autoencoding target
         is on), and its batch norm sees only them.
         """
+        pd, ps = prefixes if prefixes is not None else (None, None)
         if self.encoder is None:  # one encoder per domain
             return (
-                self(drone, "drone", reconstruct=rec_drone),
-                self(satellite, "satellite", reconstruct=rec_satellite),
+                self(drone, "drone", reconstruct=rec_drone, prefix=pd),
+                self(satellite, "satellite", reconstruct=rec_satellite, prefix=ps),
             )
         n = drone.shape[0]
         rows: slice | bool = (rec_drone or rec_satellite) and slice(
             0 if rec_drone else n, None if rec_satellite else n
         )
-        out = self(torch.cat([drone, satellite]), "drone", reconstruct=rows)
+        joint = UnitFeatures.cat([pd, ps]) if prefixes is not None else None
+        out = self(torch.cat([drone, satellite]), "drone", reconstruct=rows, prefix=joint)
         rec = out.reconstruction
         out_d, out_s = replace(out, reconstruction=None).split(n)
         if rec_drone:

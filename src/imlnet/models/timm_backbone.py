@@ -211,13 +211,25 @@ class TimmUnitBackbone(nn.Module):
         name: a timm model name (e.g. ``tf_efficientnet_lite0``, ``mobilenetv3_large_100``,
             ``regnety_008``) or an alias of :data:`ALIASES`.
         pretrained: see :func:`imagenet_classifier`.
+        last_stages: ``"dilated"``: the stages the classifier runs at stride 32 stay, dilated
+            (U4 = the network's last stage, like the ResNets' layer4 with stride 1);
+            ``"dropped"``: U4 ends with the last stride-16 stage (Lite0: blocks.3 + blocks.4,
+            112 ch) and the stride-32 stages are not built: on a CPU they cost most of U4
+            (expansion 6 at 192-320 ch), and their ImageNet-specific features transfer worse
+            (docs/benchmarks.md, "A model that works").
     """
 
     has_maxpool_indices = False
 
-    def __init__(self, name: str, pretrained: bool | str | Path = False) -> None:
+    def __init__(
+        self, name: str, pretrained: bool | str | Path = False, last_stages: str = "dilated"
+    ) -> None:
         super().__init__()
-        net = imagenet_classifier(name, pretrained, output_stride=16)
+        if last_stages not in ("dilated", "dropped"):
+            raise ValueError(f"last_stages must be 'dilated' or 'dropped', got {last_stages!r}")
+        # "dropped": the network at its own stride 32, cut after its last stride-16 stage
+        stride = 16 if last_stages == "dilated" else 32
+        net = imagenet_classifier(name, pretrained, output_stride=stride)
         info = net.feature_info  # one entry per stage: num_chs, reduction, module
         picked = []
         for r in REDUCTIONS:
@@ -256,11 +268,12 @@ class TimmUnitBackbone(nn.Module):
         """The four units' modules, U1 first (for freezing and per-unit learning rates)."""
         return list(self.units)
 
-    def forward_units(self, x: torch.Tensor, start: int = 0, cached=None):
+    def forward_units(self, x: torch.Tensor | None, start: int = 0, cached=None, stop: int = 4):
         """``(B, 3, H, W)`` -> :class:`UnitFeatures` (no pooling indices).
 
         ``start`` > 0 resumes after unit ``start`` from ``cached`` (the features of a frozen
         prefix computed earlier; its maps after ``start`` are ignored), and ``x`` is unused.
+        ``stop`` < 4 ends after unit ``stop`` (a prefix, e.g. for caching frozen units).
         """
         from imlnet.models.backbone import UnitFeatures
 
@@ -268,7 +281,7 @@ class TimmUnitBackbone(nn.Module):
             raise ValueError("forward_units(start > 0) needs the cached prefix features")
         out = list(cached.maps[:start]) if start else []
         h = out[-1] if start else x
-        for unit in self.units[start:]:
+        for unit in self.units[start:stop]:
             h = unit(h)
             out.append(h)
         return UnitFeatures(tuple(out), None, None)
