@@ -41,6 +41,7 @@ def recipe_run(
     pretrained: str | None = None,
     crop_units: str | None = None,
     overlays: Sequence[str | Path] = (),
+    extra: Sequence[str] = (),
 ):
     """The data module and the module ``imlnet fit --config configs/demo.yaml`` would train.
 
@@ -55,6 +56,7 @@ def recipe_run(
         batch_size, sample_num, backbone, pretrained, crop_units: override the recipe's (None
             keeps it); ``pretrained`` is ``"false"``, ``"imagenet"`` or a weights file.
         overlays: more config files on top (``configs/ablations/<row>.yaml``).
+        extra: more ``--key value`` arguments of ``imlnet fit``, applied last.
 
     Returns:
         ``(CrossViewDataModule, IMLNetModule)`` on the synthetic benchmark at ``data``.
@@ -76,7 +78,7 @@ def recipe_run(
     ):
         if value is not None:
             args += [key, str(value)]
-    cli = cli_main(args, run=False)
+    cli = cli_main([*args, *extra], run=False)
     return cli.datamodule, cli.model
 
 
@@ -158,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["eval_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    other_city = _other_city(args, out, model)
+    evaluation["tables"]["other_city"] = other_city.pop("table")
+    timings["other_city_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     _log("4/5 localising single views and flights over a georeferenced world")
     localisation = _localise(args, out)
     timings["localise_s"] = time.perf_counter() - t
@@ -174,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chance_R@1_drone->satellite": evaluation["chance"],
         "breakdown": evaluation["breakdown"],
         "corruption": evaluation["corruption"],
+        "other_city": other_city,
         "localisation": localisation,
         "training": train_info,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -278,6 +286,44 @@ def _evaluate(args: argparse.Namespace, out: Path, data: Path, model) -> dict:
         and {k: rep["corruption"][k] for k in ("clean", "conditions", "summary")},
         "tables": tables,
     }
+
+
+#: the other city's season and weather mix: more winter, fog, night and snow than the benchmark
+OTHER_SEASONS = {"spring": 0.15, "summer": 0.15, "autumn": 0.2, "winter": 0.5}
+OTHER_WEATHER = {"clear": 0.3, "haze": 0.1, "fog": 0.2, "rain": 0.1, "snow": 0.1, "night": 0.2}
+
+
+def _other_city(args: argparse.Namespace, out: Path, model) -> dict:
+    """Retrieval on test places of a city of another seed, in another season and weather mix."""
+    from imlnet.data.synthetic.config import SynthConfig
+    from imlnet.data.synthetic.generate import generate
+    from imlnet.evaluation import evaluate_views, format_table
+    from imlnet.evaluation.multidomain import multi_domain_report
+
+    n_test = max(2, round(args.locations * (1 - args.train_fraction)))
+    cfg = SynthConfig(
+        locations=n_test + 2,
+        views=args.views,
+        size=args.image_size,
+        seed=args.seed + 1000,
+        train_fraction=2 / (n_test + 2),  # two training places (unused): the test is the point
+        seasons=dict(OTHER_SEASONS),
+        weather=dict(OTHER_WEATHER),
+    )
+    data = out / "other_city"
+    _log(f"3b/5 a city of seed {cfg.seed}, mostly winter, fog and night: {n_test} test places")
+    generate(cfg, data, progress=False, workers=args.workers)  # reused by a second run
+    rep = multi_domain_report(
+        model, data, image_size=args.image_size, by=None, corrupt=None, seed=args.seed, workers=0
+    )
+    results = evaluate_views(rep["views"])
+    table = format_table(results)
+    print(table)
+    desc = (
+        f"{n_test} test places of a city of seed {cfg.seed} (the benchmark's test cities are of "
+        f"seed {args.seed}), seasons {OTHER_SEASONS}, weather {OTHER_WEATHER}."
+    )
+    return {"results": results, "seed": cfg.seed, "description": desc, "table": table}
 
 
 def _localise(args: argparse.Namespace, out: Path) -> dict:

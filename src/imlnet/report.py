@@ -133,6 +133,10 @@ def write_demo_report(
         f"Chance R@1 for drone -> satellite: {metrics['chance_R@1_drone->satellite']:.1f} %.",
         "",
     ]
+    if "other_city" in tables:
+        oc = metrics.get("other_city") or {}
+        lines += ["## A city of another seed, another season and weather mix", ""]
+        lines += [oc.get("description", ""), "", tables["other_city"], ""]
     if "breakdown" in tables:
         lines += ["## Per condition (drone queries by their own condition)", ""]
         lines += [tables["breakdown"], "", "![per condition](evaluation/breakdown.png)", ""]

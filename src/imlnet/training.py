@@ -134,8 +134,18 @@ class IMLNetModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def on_fit_start(self) -> None:
-        if self.hparams.cache_frozen:
+        if self.hparams.cache_frozen and self._cache is None:
             self._cache = self._build_cache()
+
+    def use_cache(self, cache: PrefixCache | None) -> None:
+        """Train from ``cache`` (the frozen features of the same frozen weights and training
+        images, e.g. another run's ``frozen_cache``) instead of building one at fit start."""
+        self._cache = cache
+
+    @property
+    def frozen_cache(self) -> PrefixCache | None:
+        """The frozen-unit features the module trains from (``cache_frozen``), once built."""
+        return self._cache
 
     def _build_cache(self) -> PrefixCache:
         if not self.model.freeze_units:
