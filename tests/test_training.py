@@ -338,6 +338,19 @@ def test_configs_load(config: str, synth: Path, tmp_path: Path) -> None:
     _check(_load(files, synth, tmp_path), want)
 
 
+@pytest.mark.parametrize("base", ["university1652.yaml", "sues200.yaml"])
+def test_lite0_variant_of_the_dataset_configs(base: str, synth: Path, tmp_path: Path) -> None:
+    """configs/backbones/efficientnet_lite0.yaml swaps the backbone, keeps the dataset recipe."""
+    files = [REPO / "configs" / base, REPO / "configs" / "backbones" / "efficientnet_lite0.yaml"]
+    cli = _load(files, synth, tmp_path)
+    _check(cli, _expected(files))
+    model = cli.model.model
+    assert model.config["backbone"] == "tf_efficientnet_lite0"
+    assert model.config["last_stages"] == "dilated"
+    assert model.irn_enabled and model.muml_enabled
+    assert cli.model.hparams["lr"] == _expected(files[:1])["module"]["lr"]
+
+
 @pytest.mark.parametrize("row", ROWS)
 def test_ablation_rows(row: str, synth: Path, tmp_path: Path) -> None:
     for base in ("demo.yaml", "university1652.yaml"):
