@@ -72,7 +72,14 @@ def test_train_items_labels_and_classes(uni: Path) -> None:
     assert len(ds) == len(TRAIN_IDS)
     for i in range(len(ds)):
         item = ds[i]
-        assert set(item) == {"drone", "satellite", "label", "building"}
+        assert set(item) == {
+            "drone",
+            "satellite",
+            "label",
+            "building",
+            "drone_path",
+            "satellite_path",
+        }
         assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
         assert ds.classes[int(item["label"])] == item["building"]
         for key in ("drone", "satellite"):

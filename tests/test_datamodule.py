@@ -36,7 +36,7 @@ def test_train_loader_batches(root: Path) -> None:
     batches = list(loader)
     assert len(batches) == len(loader) == 2 * len(TRAIN_IDS) // 2
     batch = batches[0]
-    assert set(batch) == {"drone", "satellite", "label", "building"}
+    assert set(batch) == {"drone", "satellite", "label", "building", "drone_path", "satellite_path"}
     assert batch["drone"].shape == batch["satellite"].shape == (2, 3, 32, 32)
     assert batch["label"].dtype == torch.int64 and batch["label"].shape == (2,)
     labels = torch.cat([b["label"] for b in batches]).tolist()

@@ -25,6 +25,9 @@ from imlnet.cliargs import add_common
 from imlnet.errors import ImlnetError
 from imlnet.io import write_json
 
+#: University-WX conditions the demo evaluates: the six single ones (not "normal", which is the
+#: clean test, nor the three combinations), 23 s each at 128 px on 2 cores; `--corrupt wx` runs all
+DEMO_CONDITIONS = "fog,rain,snow,dark,overexposure,wind"
 #: The demo's training recipe (also ``bench/ablation.py``'s and ``imlnet fit --config``'s).
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
@@ -123,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--world-size-m", type=float, default=1000.0)
     ap.add_argument("--world-views", type=int, default=24, help="single views over the world")
     ap.add_argument("--flights", type=int, default=2, help="flights over the world")
-    ap.add_argument("--corrupt", default="wx", help="weather conditions ('' to skip)")
+    ap.add_argument(
+        "--corrupt",
+        default=DEMO_CONDITIONS,
+        help="University-WX conditions ('wx': all ten; '' to skip); default: the six single ones",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument(
@@ -232,7 +239,7 @@ def _train(args: argparse.Namespace, out: Path, data: Path):
         max_epochs=epochs,
         default_root_dir=str(out),
         logger=CSVLogger(str(out), name="logs", version=""),
-        check_val_every_n_epoch=max(1, epochs // 4),
+        check_val_every_n_epoch=max(1, epochs // 2),  # two points of the curve (each ~20 s)
         log_every_n_steps=5,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -123,7 +123,8 @@ def write_demo_report(
         f"other cities). IML-Net ({metrics['model_params'] / 1e6:.1f} M parameters; recipe "
         f"configs/demo.yaml), {tr['epochs']} epochs = {tr['steps']} steps on the CPU. Total "
         f"{t['total_s'] / 60:.1f} min (synthesis {t['synth_s']:.0f} s, training "
-        f"{t['train_s']:.0f} s, evaluation {t['eval_s']:.0f} s, localisation "
+        f"{t['train_s']:.0f} s, evaluation {t['eval_s']:.0f} s, other city "
+        f"{t.get('other_city_s', 0):.0f} s, localisation "
         f"{t['localise_s']:.0f} s, report {t['report_s']:.0f} s).",
         "",
         "## Retrieval (official University-1652 protocol, %, last model: no selection on test)",

