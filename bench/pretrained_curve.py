@@ -130,7 +130,7 @@ def run_design(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"design": name, "overrides": DESIGNS[name], "curve": curve.points}
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(results: list[dict[str, Any]], path: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +142,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for ax, key in zip(axes, ("d2s_R1", "d2s_AP"), strict=True):
             ax.plot(mins, [0.0] + [p[key] for p in res["curve"]], marker="o", label=res["design"])
     for ax, title in zip(axes, ("drone->satellite R@1", "drone->satellite AP"), strict=True):
-        ax.set_xlabel("training minutes (2 CPU cores)")
+        ax.set_xlabel(f"training minutes ({threads} CPU thread{'s' if threads > 1 else ''})")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -161,16 +161,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "pretrained_curve.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     ap.add_argument("--png", default=str(REPO / "docs" / "pretrained_curve.png"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.is_file() else []
+    if args.plot_only:
+        plot(results, Path(args.png), args.threads)
+        return
     for name in args.designs:
         results = [r for r in results if r["design"] != name]
         results.append(run_design(name, args))
         write_json(out, {"settings": vars(args), "results": results})
-        plot(results, Path(args.png))
+        plot(results, Path(args.png), args.threads)
     for res in results:
         cells = " ".join(f"{p['min']}:{p['d2s_R1']}/{p['d2s_AP']}" for p in res["curve"])
         print(f"{res['design']}: {cells}")
