@@ -61,3 +61,7 @@ class GeoError(ImlnetError, ValueError):
 
 class DeviceError(ImlnetError, ValueError):
     """The requested device does not exist here (e.g. ``--device cuda`` without a GPU)."""
+
+
+class ConfigError(ImlnetError, ValueError):
+    """Settings that cannot work together (e.g. a frozen-feature cache with nothing frozen)."""

@@ -29,6 +29,7 @@ from imlnet.checkpoints import (
     read_error,
     use_atomic_checkpoints,
 )
+from imlnet.errors import ConfigError
 from imlnet.evaluation import evaluate_views
 from imlnet.inference import embed, view_domain
 from imlnet.losses import IMLNetObjective
@@ -149,16 +150,16 @@ class IMLNetModule(L.LightningModule):
 
     def _build_cache(self) -> PrefixCache:
         if not self.model.freeze_units:
-            raise ValueError(
+            raise ConfigError(
                 "cache_frozen needs frozen units: set model.init_args.freeze_units >= 1 "
                 "(or cache_frozen: false)"
             )
         dm = getattr(self.trainer, "datamodule", None)
         train = getattr(dm, "train_set", None)
         if train is None or not hasattr(train, "drone_files"):
-            raise ValueError("cache_frozen needs a CrossViewDataModule's training set")
+            raise ConfigError("cache_frozen needs a CrossViewDataModule's training set")
         if getattr(dm, "augment", False):
-            raise ValueError(
+            raise ConfigError(
                 "cache_frozen caches the training images as they are: set data.augment: false "
                 "(the module then rotates each satellite image by a random multiple of 90 "
                 "degrees, which the cache holds)"
