@@ -64,6 +64,22 @@ def row_config(row: str) -> Path:
 CACHES: dict[tuple, Any] = {}
 
 
+def quiet_trainer(root: str, **kwargs: Any) -> L.Trainer:
+    """A CPU trainer with the recipe's gradient clipping, no logs, checkpoints or validation."""
+    return L.Trainer(
+        accelerator="cpu",
+        gradient_clip_val=recipe_trainer().get("gradient_clip_val"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        **kwargs,
+    )
+
+
 def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train one row with one seed, test it; metrics and timings."""
     L.seed_everything(seed, verbose=False)
@@ -82,18 +98,7 @@ def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[s
         key = (module.model.config["backbone"], module.model.freeze_units, args.size)
         if module.hparams.cache_frozen:
             module.use_cache(CACHES.get(key))
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=args.epochs,
-            gradient_clip_val=recipe_trainer().get("gradient_clip_val"),
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            default_root_dir=tmp,
-        )
+        trainer = quiet_trainer(tmp, max_epochs=args.epochs)
         load = os.getloadavg()[0]
         t = time.perf_counter()
         trainer.fit(module, datamodule=dm)

@@ -25,7 +25,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from imlnet.demo import recipe_run, recipe_trainer
+from ablation import quiet_trainer
+from imlnet.demo import recipe_run
 from imlnet.evaluation import evaluate_views
 from imlnet.inference import embed, view_domain
 from imlnet.io import write_json
@@ -113,19 +114,7 @@ def run_design(name: str, args: argparse.Namespace) -> dict[str, Any]:
         )
         dm.setup("test")
         curve = TimedCurve(args.minutes, args.every, dm)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=10_000,
-            gradient_clip_val=recipe_trainer().get("gradient_clip_val"),
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=[curve],
-            default_root_dir=tmp,
-        )
+        trainer = quiet_trainer(tmp, max_epochs=10_000, callbacks=[curve])
         trainer.fit(module, datamodule=dm)
     return {"design": name, "overrides": DESIGNS[name], "curve": curve.points}
 

@@ -14,6 +14,17 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def hub_dir(tmp_path):
+    """torch.hub's folder inside tmp_path for one test, restored afterwards."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        yield tmp_path / "hub"
+    finally:
+        torch.hub.set_dir(old)
+
+
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic benchmark (6 locations x 3 views at 32 px), made once per test process.

@@ -28,17 +28,6 @@ CHANNELS = {
 }
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    """torch.hub's folder inside tmp_path for one test, restored afterwards."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(old)
-
-
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
     """Random torchvision state dicts saved once: {name: (path, state)} for three networks."""

@@ -45,17 +45,6 @@ HEAD = ("conv_head.", "bn2.", "norm_head.", "classifier.", "head.", "final_conv.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    """torch.hub's folder inside tmp_path for one test, restored afterwards."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(old)
-
-
 def _random_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """A timm classifier's state dict with random weights *and* batch-norm statistics.
 
