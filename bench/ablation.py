@@ -40,6 +40,7 @@ import yaml
 from imlnet.data.synthetic.generate import SynthConfig, generate
 from imlnet.demo import DEMO_CONFIG, recipe_run, recipe_trainer
 from imlnet.io import write_json
+from imlnet.resources import config_path
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = ("baseline", "irn", "muml", "drcl", "full", "infonce", "full_plus_infonce", "paper_heads")
@@ -56,7 +57,7 @@ COLUMNS = (
 
 def row_config(row: str) -> Path:
     """``configs/ablations/<row>.yaml``: the row's switches, laid over the demo's recipe."""
-    return REPO / "configs" / "ablations" / f"{row}.yaml"
+    return config_path(f"ablations/{row}.yaml")
 
 
 #: frozen-unit caches by (backbone, frozen units, image size): every row and seed freezes the
@@ -200,7 +201,7 @@ def main() -> None:
             "backbone",
         )
     }
-    recipe = yaml.safe_load(DEMO_CONFIG.read_text())["model"]
+    recipe = yaml.safe_load(config_path(DEMO_CONFIG).read_text())["model"]
     settings.update(crop_units=args.crop_units, recipe=recipe, data=str(data))
     out = Path(args.out)
     runs: list[dict[str, Any]] = []

@@ -59,7 +59,9 @@ SERVER = textwrap.dedent(
     def run(argv, trap=None, at=0):
         pid = os.fork()
         if pid == 0:  # the child: the command, killed at the trap
-            inference.load_model = lambda *a, **k: inference.LoadedModel(FakeModel(), 16, to_tensor)
+            inference.load_model = lambda c, *a, **k: inference.LoadedModel(
+                FakeModel(), 16, to_tensor, Path(c)
+            )
             if trap:
                 owner, name = TRAPS[trap]
                 original, calls = getattr(owner, name), [0]

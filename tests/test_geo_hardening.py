@@ -247,7 +247,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def fake_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A checkpoint folder whose model is :class:`FakeModel` (inference.load_model patched)."""
     monkeypatch.setattr(
-        inference, "load_model", lambda *a, **k: LoadedModel(FakeModel(), 64, to_tensor)
+        inference, "load_model", lambda c, *a, **k: LoadedModel(FakeModel(), 64, to_tensor, Path(c))
     )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir(exist_ok=True)

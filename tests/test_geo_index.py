@@ -264,7 +264,7 @@ def test_cli_index_build_append_and_refuse(
     monkeypatch.setattr(
         inference,
         "load_model",
-        lambda ckpt, device, image_size=None: LoadedModel(FakeModel(), 64, to_tensor),
+        lambda ckpt, device, **k: LoadedModel(FakeModel(), 64, to_tensor, Path(ckpt)),
     )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

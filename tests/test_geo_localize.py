@@ -284,9 +284,9 @@ def test_cli_localize(
 ) -> None:
     models: list[FakeModel] = []
 
-    def fake_load(ckpt, device, image_size=None, dim: int = 32) -> LoadedModel:
+    def fake_load(ckpt, device, image_size=None, threads=None, dim: int = 32) -> LoadedModel:
         models.append(FakeModel(dim))
-        return LoadedModel(models[-1], 64, to_tensor)
+        return LoadedModel(models[-1], 64, to_tensor, Path(ckpt))
 
     monkeypatch.setattr(inference, "load_model", fake_load)
     ckpt = tmp_path / "ckpt"
@@ -330,9 +330,7 @@ def test_cli_localize(
     )
     capsys.readouterr()
     # another model's descriptors: refused before any image is read
-    monkeypatch.setattr(
-        inference, "load_model", lambda c, d, image_size=None: fake_load(c, d, dim=64)
-    )
+    monkeypatch.setattr(inference, "load_model", lambda c, d, **k: fake_load(c, d, dim=64))
     assert cli_main([*argv, "--out-dir", str(tmp_path / "x")]) == 2
     assert "but the model in use makes 64-d" in capsys.readouterr().err
     (ckpt / "model.safetensors").write_bytes(b"weights-two")

@@ -21,6 +21,7 @@ from imlnet.data.datamodule import CrossViewDataModule
 from imlnet.demo import DEMO_CONFIG, recipe_run
 from imlnet.losses import IMLNetObjective
 from imlnet.models.imlnet import IMLNet
+from imlnet.resources import config_path
 from imlnet.training import IMLNetModule, best_checkpoint, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,7 +381,7 @@ def test_demo_and_ablation_train_the_demo_config(synth: Path, tmp_path: Path) ->
     dm, module = recipe_run(
         synth, **kw, crop_units="all", export_dir=tmp_path / "x", overlays=[row]
     )
-    want = _expected([DEMO_CONFIG, row])
+    want = _expected([config_path(DEMO_CONFIG), row])
     want["model"]["backbone"] = "resnet18"
     want["model"]["pretrained"] = False
     want["objective"]["crop_units"] = "all"

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "localize": ("imlnet.geo.localize", "drone images -> top-k tiles with lat/lon"),
     "visualize": ("imlnet.visualize", "reconstructions, attention maps and retrieval grids"),
     "demo": ("imlnet.demo", "synthesise, train, evaluate and localise end to end"),
+    "export": ("imlnet.export", "write the descriptor network as an ONNX file"),
+    "configs": ("imlnet.resources", "list, print or copy the packaged training recipes"),
 }
 LIGHTNING_COMMANDS = {"fit", "validate", "test"}
 
@@ -55,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     try:
         if name in LIGHTNING_COMMANDS:
-            module.cli_main([name, *rest])
+            from imlnet.resources import resolve_config_args
+
+            # sys.argv is left as it is (LightningCLI warns that it holds the arguments too):
+            # DDP's launcher starts the other ranks by running sys.argv again
+            module.cli_main([name, *resolve_config_args(rest)])
             return 0
         return int(module.main(rest) or 0)
     except ImlnetError as err:

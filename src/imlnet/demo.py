@@ -28,8 +28,9 @@ from imlnet.io import write_json
 #: University-WX conditions the demo evaluates: the six single ones (not "normal", which is the
 #: clean test, nor the three combinations), 23 s each at 128 px on 2 cores; `--corrupt wx` runs all
 DEMO_CONDITIONS = "fog,rain,snow,dark,overexposure,wind"
-#: The demo's training recipe (also ``bench/ablation.py``'s and ``imlnet fit --config``'s).
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+#: The demo's training recipe (also ``bench/ablation.py``'s and ``imlnet fit --config``'s),
+#: packaged (:mod:`imlnet.resources`): ``configs/demo.yaml`` in a checkout.
+DEMO_CONFIG = "demo.yaml"
 
 
 def recipe_run(
@@ -94,12 +95,9 @@ def recipe_trainer() -> dict:
 
 
 def _recipe_file() -> Path:
-    if not DEMO_CONFIG.is_file():
-        raise ImlnetError(
-            f"{DEMO_CONFIG} is missing: the demo's recipe lives in the repository's configs/ "
-            "folder; run the demo from a checkout of imlnet (an editable install)"
-        )
-    return DEMO_CONFIG
+    from imlnet.resources import config_path
+
+    return config_path(DEMO_CONFIG)
 
 
 def _log(msg: str) -> None:
@@ -231,7 +229,7 @@ def _train(args: argparse.Namespace, out: Path, data: Path):
     )
     trainer_cfg = recipe_trainer()
     epochs = args.epochs or int(trainer_cfg.get("max_epochs") or 1)
-    _log(f"2/5 training IML-Net ({epochs} epochs, recipe {DEMO_CONFIG.name}) on the CPU")
+    _log(f"2/5 training IML-Net ({epochs} epochs, recipe {DEMO_CONFIG}) on the CPU")
     L.seed_everything(args.seed, workers=True, verbose=False)
     trainer = L.Trainer(
         accelerator="cpu",

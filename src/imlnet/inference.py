@@ -18,6 +18,7 @@ This module imports neither Lightning nor the trainer: serving needs only the mo
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -122,16 +123,57 @@ def eval_transform(image_size: int) -> Transform:
 class LoadedModel:
     """A model ready for inference, with the input size and transform it expects.
 
+    What :func:`load_model` returns and what :func:`embed`, :func:`imlnet.geo.index.build_index`
+    and :func:`imlnet.geo.localize.localize` take.
+
     Attributes:
-        model: the :class:`~imlnet.models.imlnet.IMLNet`, in eval mode, on the chosen device.
+        model: the :class:`~imlnet.models.imlnet.IMLNet` in eval mode on the chosen device, or
+            an :class:`~imlnet.runtime.OnnxDescriptor` (an exported ``.onnx`` run by
+            onnxruntime); either has ``encode(x, domain)``.
         image_size: input side in pixels (the training size saved with the model, else 256,
             unless the caller overrode it).
         transform: :func:`eval_transform` at ``image_size``.
+        source: the model folder or ``.onnx`` file it was loaded from (None when built in
+            memory).
     """
 
     model: Any
     image_size: int
     transform: Transform
+    source: Path | None = None
+
+    def encoder(self, domain: Domain | str) -> Callable[[Tensor], Tensor]:
+        """``x -> model.encode(x, domain)`` for ``"drone"`` queries or ``"satellite"`` tiles."""
+        side = view_domain(domain)
+        return lambda x: self.model.encode(x, side)
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches must go (the CPU for an ONNX model)."""
+        return _model_device(self.model)
+
+    @property
+    def dim(self) -> int | None:
+        """The descriptor size, when the model says."""
+        return int(getattr(self.model, "descriptor_dim", 0) or 0) or None
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """What identifies the weights a gallery was embedded with (recorded in its manifest).
+
+        The sha256 of ``model.safetensors``; an exported ONNX file carries the hash of the
+        weights it was exported from (so galleries built with either are interchangeable),
+        with ``+flip`` when the mirror sum is inside the graph (its descriptors differ).
+        Empty for a model built in memory.
+        """
+        own = getattr(self.model, "weights_hash", None)
+        if own:
+            return str(own)
+        if self.source is None:
+            return ""
+        from imlnet.models.persistence import weights_sha256
+
+        return weights_sha256(self.source)
 
 
 def load_model(
@@ -139,27 +181,53 @@ def load_model(
     device: str | torch.device = "auto",
     *,
     image_size: int | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
-    """Load a model exported by ``IMLNet.save_pretrained`` with its input size and transform.
+    """Load an exported model with its input size and transform.
+
+    Example:
+        >>> import imlnet
+        >>> model = imlnet.load_model("runs/demo/model")  # doctest: +SKIP
+        >>> model.image_size  # doctest: +SKIP
+        128
 
     Args:
-        checkpoint: the model folder (``model.safetensors`` + ``config.json``) or its weights.
+        checkpoint: the model folder (``model.safetensors`` + ``config.json``, as
+            ``IMLNet.save_pretrained`` and training write it) or its weights file, or an
+            ``.onnx`` file from ``imlnet export`` (run by onnxruntime on the CPU; needs
+            ``pip install 'imlnet[onnx]'``).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         image_size: override the saved training size (None: the saved size, else 256).
+        threads: onnxruntime threads for an ``.onnx`` file (None: torch's thread count).
 
     Raises:
-        CheckpointError: a file is missing or corrupt, or the weights do not match the config.
-        DeviceError: ``device`` asks for CUDA on a machine without it.
+        CheckpointError: a file is missing, corrupt, or written by a newer imlnet, or the
+            weights do not match the config.
+        DeviceError: ``device`` asks for CUDA on a machine without it, or for an ``.onnx``.
     """
     from imlnet.cliargs import resolve_device
-    from imlnet.models.imlnet import IMLNet  # lazy: `import imlnet.inference` stays light
 
-    dev = resolve_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    model = IMLNet.from_pretrained(checkpoint, map_location=dev).to(dev).eval()
+    path = Path(checkpoint)
+    if path.suffix.lower() == ".onnx":
+        from imlnet.runtime import OnnxDescriptor
+
+        if str(device) not in ("auto", "cpu"):
+            raise DeviceError(
+                f"--device {device}: an .onnx model runs on the CPU with onnxruntime here; "
+                "use --device cpu (or --checkpoint with the model folder for CUDA)"
+            )
+        model: Any = OnnxDescriptor(path, threads=threads)
+    else:
+        from imlnet.models.imlnet import IMLNet  # lazy: `import imlnet.inference` stays light
+
+        dev = resolve_device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {device}: no CUDA device is available here; use --device cpu"
+            )
+        model = IMLNet.from_pretrained(path, map_location=dev).to(dev).eval()
     size = int(image_size or model.input_size(DEFAULT_IMAGE_SIZE))
-    return LoadedModel(model, size, eval_transform(size))
+    return LoadedModel(model, size, eval_transform(size), path)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -236,8 +304,15 @@ def embed(
 ) -> Tensor:
     """Descriptors of images, the official way: ``normalize(f(x) + f(hflip(x)))``.
 
+    Example:
+        >>> import imlnet
+        >>> model = imlnet.load_model("runs/demo/model")  # doctest: +SKIP
+        >>> imlnet.embed(model, ["drone.jpg"], "drone").shape  # doctest: +SKIP
+        torch.Size([1, 512])
+
     Args:
-        model: an IMLNet (or anything with ``encode(x, domain)``), or a callable
+        model: what :func:`load_model` returns (its transform is used for image files), an
+            IMLNet (or anything with ``encode(x, domain)``), or a callable
             ``(B, 3, H, W) -> (B, D)`` (``domain`` is then not used). Its mode is not changed:
             load it with :func:`load_model` (eval mode).
         images: one of
@@ -266,6 +341,9 @@ def embed(
         ImageReadError: an image file is missing or cannot be decoded (named).
         CheckpointError: the model does not return one ``(B, D)`` row per image.
     """
+    if isinstance(model, LoadedModel):
+        transform = transform or model.transform
+        model = model.model
     encode = _encoder(model, view_domain(domain))
     dev = torch.device(device) if device is not None else _model_device(model)
     if batch_size < 1:

@@ -13,7 +13,6 @@ or a kill leaves the previous gallery as it was (rerun the command to finish the
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import torch
 from PIL import Image
 
 from imlnet import inference
-from imlnet.cliargs import add_common, resolve_device
-from imlnet.errors import CheckpointError, GeoError
+from imlnet.cliargs import add_common
+from imlnet.errors import GeoError
 from imlnet.geo.gallery import (
     DEFAULT_PARAMS,
     INDEX_FILE,
@@ -35,7 +34,9 @@ from imlnet.geo.gallery import (
     new_faiss_index,
 )
 from imlnet.geo.tables import TileSet, check_gallery_row, read_tileset
+from imlnet.inference import LoadedModel
 from imlnet.io import recover_staged_dir
+from imlnet.models.persistence import weights_sha256
 
 __all__ = [
     "DEFAULT_PARAMS",
@@ -49,11 +50,10 @@ __all__ = [
     "main",
     "new_faiss_index",
 ]
-WEIGHTS_FILE = "model.safetensors"
 
 
 def checkpoint_hash(checkpoint: str | Path) -> str:
-    """sha256 (hex) of a checkpoint's weights: ``<dir>/model.safetensors`` or that file itself.
+    """sha256 (hex) of a checkpoint's weights (:func:`imlnet.models.persistence.weights_sha256`).
 
     Why: the index must be searched with descriptors from the model that built it; the hash
     identifies the weights whatever the folder is called.
@@ -61,18 +61,7 @@ def checkpoint_hash(checkpoint: str | Path) -> str:
     Raises:
         CheckpointError: the weights file does not exist.
     """
-    path = Path(checkpoint)
-    weights = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
-    if not weights.is_file():
-        raise CheckpointError(
-            f"{weights}: checkpoint weights not found; --checkpoint must be a folder with "
-            f"{WEIGHTS_FILE} (as written by the trainer) or that file"
-        )
-    digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return weights_sha256(checkpoint)
 
 
 # -- embedding ----------------------------------------------------------------------------
@@ -165,39 +154,46 @@ def _check_tables(tilesets: Sequence[TileSet], index: GalleryIndex | None) -> li
 
 
 def build_index(
-    encode: Callable[[torch.Tensor], torch.Tensor],
+    model: LoadedModel | Callable[[torch.Tensor], torch.Tensor],
     tile_table: TileSet | str | Path,
     *,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
     batch_size: int = 32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
     index: GalleryIndex | None = None,
     index_type: IndexType = "flat",
     params: Mapping[str, Any] | None = None,
-    checkpoint_hash: str = "",
-    checkpoint: str = "",
+    checkpoint_hash: str | None = None,
+    checkpoint: str | None = None,
     radius: float | None = None,
     model_config: Mapping[str, Any] | None = None,
     num_workers: int = 0,
 ) -> GalleryIndex:
     """Embed every tile of a tile table and add it to a (new or given) :class:`GalleryIndex`.
 
+    Example:
+        >>> import imlnet
+        >>> model = imlnet.load_model("runs/demo/model")  # doctest: +SKIP
+        >>> gallery = imlnet.build_index(model, "runs/demo/tiles")  # doctest: +SKIP
+        >>> gallery.save("gallery/")  # doctest: +SKIP
+
     Args:
-        encode: batch ``(B, 3, H, W)`` -> satellite-view descriptors ``(B, D)``.
+        model: what :func:`imlnet.load_model` returns (a model folder or an ``.onnx`` file:
+            its satellite encoder, transform, weights hash, radius and config are used), or a
+            callable batch ``(B, 3, H, W)`` -> satellite-view descriptors ``(B, D)``, which
+            then needs ``transform``.
         tile_table: a :class:`~imlnet.geo.tables.TileSet`, a tile folder, or its ``tiles.csv``.
-        transform: PIL image -> ``(3, H, W)`` tensor.
+        transform: PIL image -> ``(3, H, W)`` tensor (default: the loaded model's).
         batch_size: tiles per batch.
-        device: where the batches go.
+        device: where the batches go (default: the loaded model's device, else the CPU).
         progress: show a tqdm bar.
         index: append to this index instead of creating one (the other index options are
             then ignored).
         index_type: ``flat``, ``ivf`` or ``hnsw`` for a new index.
         params: options of the new index (see :class:`GalleryIndex`).
-        checkpoint_hash: recorded in the manifest of a new index.
-        checkpoint: recorded in the manifest of a new index (for messages).
-        radius: the model's descriptor radius, recorded.
-        model_config: the model's config, recorded.
+        checkpoint_hash, checkpoint, radius, model_config: recorded in the manifest of a new
+            index (default: the loaded model's weights hash, source, radius and config).
         num_workers: DataLoader workers decoding images.
 
     Returns:
@@ -206,7 +202,9 @@ def build_index(
     Raises:
         GeoError: the table is empty, a row is unfit, or a tile (path or ``tile_id``) is twice
             in the table or already in ``index`` (see :func:`_check_tables`).
+        TypeError: a bare callable without ``transform``.
     """
+    encode, transform, device, facts = _model_parts(model, "satellite", transform, device)
     tiles = tile_table if isinstance(tile_table, TileSet) else read_tileset(tile_table)
     (rows,) = _check_tables([tiles], index)
     desc = embed_images(
@@ -220,35 +218,65 @@ def build_index(
         desc=f"indexing {tiles.root.name}",
     )
     if index is None:
+        given = {
+            "checkpoint_hash": checkpoint_hash,
+            "checkpoint": checkpoint,
+            "radius": radius,
+            "model_config": model_config,
+        }
         index = GalleryIndex(
             desc.shape[1],
             index_type=index_type,
             params=params,
-            checkpoint_hash=checkpoint_hash,
-            checkpoint=checkpoint,
-            radius=radius,
-            model_config=model_config,
+            **{k: facts.get(k) if v is None else v for k, v in given.items()},
         )
     index.add(desc, rows)
     return index
 
 
-# -- model glue -------------------------------------------------------------------------
-def model_encoder(model: Any, domain: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> model.encode(x, domain)``: satellite for gallery tiles, drone for queries."""
-    return lambda x: model.encode(x, domain)
+def _model_parts(
+    model: Any,
+    domain: str,
+    transform: Callable[[Image.Image], torch.Tensor] | None,
+    device: str | torch.device | None,
+) -> tuple[Callable, Callable, torch.device, dict[str, Any]]:
+    """``(encode, transform, device, manifest facts)`` of a loaded model or a bare encoder."""
+    if isinstance(model, LoadedModel):
+        facts = {
+            "checkpoint_hash": model.weights_hash,
+            "checkpoint": str(model.source.resolve()) if model.source else "",
+            "radius": getattr(model.model, "radius", None),
+            "model_config": getattr(model.model, "config", None),
+        }
+        dev = torch.device(device) if device is not None else model.device
+        return model.encoder(domain), transform or model.transform, dev, facts
+    if not callable(model) or transform is None:
+        raise TypeError(
+            "model must be what imlnet.load_model returns, or an encoder callable given "
+            "with transform="
+        )
+    facts = {"checkpoint_hash": "", "checkpoint": ""}
+    return model, transform, torch.device(device or "cpu"), facts
 
 
-def model_dim(model: Any) -> int | None:
-    """The descriptor size a loaded model makes, when it says (None otherwise)."""
-    return int(getattr(model, "descriptor_dim", 0) or 0) or None
-
-
+# -- command line ------------------------------------------------------------------------
 def add_model_args(ap: argparse.ArgumentParser, *, batch_size: int = 32) -> None:
     """Command-line options shared by ``imlnet index`` and ``imlnet localize``."""
-    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=Path, help="model folder")
+    which.add_argument(
+        "--onnx", type=Path, help="an .onnx file from `imlnet export` (onnxruntime, CPU)"
+    )
     add_common(ap, image_size=None, batch_size=batch_size, workers=True, device=True)
+    ap.add_argument("--threads", type=int, help="onnxruntime threads (default: torch's)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load_model_arg(args: argparse.Namespace) -> LoadedModel:
+    """The model of ``--checkpoint`` or ``--onnx``, at ``--image-size`` on ``--device``."""
+    return inference.load_model(
+        args.checkpoint or args.onnx, args.device, image_size=args.image_size, threads=args.threads
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -265,8 +293,9 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 128)")
     add_model_args(ap)
     args = ap.parse_args(list(argv))
-    device = resolve_device(args.device)
-    ckpt_hash = checkpoint_hash(args.checkpoint)
+    model_file = args.checkpoint or args.onnx
+    if args.checkpoint is not None:
+        checkpoint_hash(args.checkpoint)  # the weights exist, before anything else is read
     recover_staged_dir(args.out)  # a save killed between its two renames
     if not args.append and (args.out / MANIFEST_FILE).exists() and not args.overwrite:
         raise GeoError(
@@ -274,15 +303,14 @@ def main(argv: Sequence[str]) -> int:
             "or --overwrite to replace it"
         )
     tilesets = [read_tileset(folder) for folder in args.tiles]
-    loaded = inference.load_model(args.checkpoint, device, image_size=args.image_size)
-    model = loaded.model
+    loaded = load_model_arg(args)
     index: GalleryIndex | None = None
     if args.append:
         index = GalleryIndex.load(
             args.out,
-            expect_checkpoint_hash=ckpt_hash,
-            expect_dim=model_dim(model),
-            checkpoint_name=str(args.checkpoint),
+            expect_checkpoint_hash=loaded.weights_hash,
+            expect_dim=loaded.dim,
+            checkpoint_name=str(model_file),
         )
         index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
     _check_tables(tilesets, index)  # all tables together, before the first image is embedded
@@ -296,22 +324,15 @@ def main(argv: Sequence[str]) -> int:
         }.items()
         if v is not None and k in DEFAULT_PARAMS[args.type]
     }
-    transform = loaded.transform
     for tiles in tilesets:  # at least one (nargs="+")
         index = build_index(
-            model_encoder(model, "satellite"),
+            loaded,
             tiles,
-            transform=transform,
             batch_size=args.batch_size,
-            device=device,
             progress=not args.quiet,
             index=index,
             index_type=args.type,
             params=params,
-            checkpoint_hash=ckpt_hash,
-            checkpoint=str(Path(args.checkpoint).resolve()),
-            radius=getattr(model, "radius", None),
-            model_config=getattr(model, "config", None),
             num_workers=args.workers,
         )
     index.save(args.out)

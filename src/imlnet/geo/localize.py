@@ -39,8 +39,6 @@ import shapely
 import torch
 from PIL import Image
 
-from imlnet import inference
-from imlnet.cliargs import resolve_device
 from imlnet.errors import GeoError, ImageReadError
 from imlnet.geo import index as gindex
 from imlnet.geo.coords import LocalFrame, geodesic_m
@@ -57,6 +55,7 @@ from imlnet.geo.outputs import (
     write_outputs,
 )
 from imlnet.geo.tables import read_csv
+from imlnet.inference import LoadedModel
 
 __all__ = [
     "HIT_COLUMNS",
@@ -194,41 +193,58 @@ class _TruthMatcher:
 
 
 def localize(
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    index: GalleryIndex,
+    model: LoadedModel | Callable[[torch.Tensor], torch.Tensor],
+    index: GalleryIndex | str | Path,
     images: Sequence[str | Path],
     *,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Callable[[Image.Image], torch.Tensor] | None = None,
     k: int = 5,
     truth: Mapping[str, tuple[float, float]] | None = None,
     truth_base: str | Path | None = None,
     temperature: float = 0.05,
     max_spread_m: float | None = None,
     batch_size: int = 16,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> list[QueryResult]:
     """Top-k tiles, a position estimate and (with ``truth``) the error, per query image.
 
+    Example:
+        >>> import imlnet
+        >>> model = imlnet.load_model("runs/demo/model")  # doctest: +SKIP
+        >>> fix = imlnet.localize(model, "runs/demo/index", ["drone.jpg"])[0]  # doctest: +SKIP
+        >>> fix.lat, fix.lon, fix.hits[0]["tile_id"]  # doctest: +SKIP
+
     Args:
-        encode: batch ``(B, 3, H, W)`` -> drone-view descriptors ``(B, D)``.
-        index: the gallery.
+        model: what :func:`imlnet.load_model` returns (its drone encoder and transform are
+            used), or a callable batch ``(B, 3, H, W)`` -> drone-view descriptors ``(B, D)``,
+            which then needs ``transform``.
+        index: the gallery, or its folder (loaded and checked against the model's weights).
         images: query image files.
-        transform: PIL image -> ``(3, H, W)`` tensor (the model's drone eval transform).
+        transform: PIL image -> ``(3, H, W)`` tensor (default: the loaded model's).
         k: tiles returned per query.
         truth: known positions ``{image: (lat, lon)}`` (from :func:`read_truth`).
         truth_base: folder relative truth paths are resolved against (the CSV's folder).
         temperature: see :func:`estimate_position`.
         max_spread_m: see :func:`estimate_position`.
         batch_size: images per encoder call.
-        device: where batches go.
+        device: where batches go (default: the loaded model's device, else the CPU).
         progress: show a tqdm bar.
 
     Raises:
-        GeoError: no images or an empty gallery; ImageReadError: an unreadable image.
+        GeoError: no images, an empty gallery, or a gallery built with other weights;
+        ImageReadError: an unreadable image.
     """
     if not images:
         raise GeoError("no query images given")
+    encode, transform, device, facts = gindex._model_parts(model, "drone", transform, device)
+    if not isinstance(index, GalleryIndex):
+        index = GalleryIndex.load(
+            index,
+            expect_checkpoint_hash=facts["checkpoint_hash"] or None,
+            expect_dim=model.dim if isinstance(model, LoadedModel) else None,
+            checkpoint_name=facts["checkpoint"],
+        )
     queries = embed_images(
         encode,
         list(images),
@@ -291,17 +307,16 @@ def main(argv: Sequence[str]) -> int:
     plan = fixes_io.prepare(args)
     if args.k < 1:
         raise GeoError(f"--k must be >= 1, got {args.k}")
-    device = resolve_device(args.device)
-    ckpt_hash = checkpoint_hash(args.checkpoint)
+    if args.checkpoint is not None:
+        checkpoint_hash(args.checkpoint)  # the weights exist, before anything else is read
     truth = read_truth(args.truth) if args.truth else None
     images = expand_images(args.images)
-    loaded = inference.load_model(args.checkpoint, device, image_size=args.image_size)
-    model = loaded.model
+    loaded = gindex.load_model_arg(args)
     index = GalleryIndex.load(
         args.index,
-        expect_checkpoint_hash=ckpt_hash,
-        expect_dim=gindex.model_dim(model),
-        checkpoint_name=str(args.checkpoint),
+        expect_checkpoint_hash=loaded.weights_hash,
+        expect_dim=loaded.dim,
+        checkpoint_name=str(args.checkpoint or args.onnx),
     )
     index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
     outside = truth_outside(index, truth or {})
@@ -314,17 +329,15 @@ def main(argv: Sequence[str]) -> int:
         )
     start = time.perf_counter()
     results = localize(
-        gindex.model_encoder(model, "drone"),
+        loaded,
         index,
         [str(p) for p in images],
-        transform=loaded.transform,
         k=args.k,
         truth=truth,
         truth_base=args.truth.parent if args.truth else None,
         temperature=args.temperature,
         max_spread_m=args.max_spread_m,
         batch_size=args.batch_size,
-        device=device,
         progress=not args.quiet,
     )
     print(format_table(results))

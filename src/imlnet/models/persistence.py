@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -24,8 +25,13 @@ if TYPE_CHECKING:
 #: the temporary names of imlnet.io.atomic_path / atomic_write for the two files
 _LEFTOVER = re.compile(r"^\.(model\.[a-z0-9_]{8}\.safetensors|config\.json\.[a-z0-9_]{8}\.tmp)$")
 
-#: Written into config.json and the safetensors metadata; bumped on incompatible changes.
+#: The weights file of a model folder.
+WEIGHTS_FILE = "model.safetensors"
+
+#: Written into config.json and the safetensors metadata; the number is bumped on incompatible
+#: changes, and a folder of a higher number is refused with a message (written by a newer imlnet).
 FORMAT = "imlnet-model/1"
+_PREFIX, _VERSION = FORMAT.rsplit("/", 1)
 
 
 def save_model(model: IMLNet, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -55,10 +61,21 @@ def save_model(model: IMLNet, directory: str | Path, meta: dict[str, Any] | None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT})
-    meta = {**model.meta, **(meta or {})}
+    from imlnet import __version__
+    from imlnet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    # what a runtime needs besides the weights: input size (when known), normalisation
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    meta = {**norm, **model.meta, **(meta or {})}
     write_json(
         directory / "config.json",
-        {**model.config, "pretrained": False, "format": FORMAT, "meta": meta},
+        {
+            **model.config,
+            "pretrained": False,
+            "format": FORMAT,
+            "imlnet_version": __version__,
+            "meta": meta,
+        },
     )
     return directory
 
@@ -91,8 +108,22 @@ def load_model(
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
-        raise CheckpointError(f"{config_file} is not an imlnet model config ({FORMAT})")
+    fmt = config.pop("format", None) if isinstance(config, dict) else None
+    prefix, _, number = str(fmt).rpartition("/")
+    if prefix != _PREFIX or not number.isdigit():
+        raise CheckpointError(
+            f"{config_file} is not an imlnet model config (no \"format\": \"{FORMAT}\"); a "
+            "model folder is written by IMLNet.save_pretrained or by training (<log dir>/export)"
+        )
+    written_by = config.pop("imlnet_version", None)
+    if int(number) > int(_VERSION):
+        from imlnet import __version__
+
+        raise CheckpointError(
+            f"{config_file} was written by imlnet {written_by or '?'} in format {fmt}; this "
+            f"imlnet {__version__} reads {FORMAT} and older: upgrade imlnet "
+            "(pip install -U imlnet)"
+        )
     meta = config.pop("meta", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f'{config_file}: "meta" must be an object, got {meta!r}')
@@ -114,3 +145,26 @@ def load_model(
         ) from err
     model.meta = dict(meta)
     return model.to(map_location).eval()
+
+
+def weights_sha256(checkpoint: str | Path) -> str:
+    """sha256 (hex) of a checkpoint's weights: ``<dir>/model.safetensors`` or that file itself.
+
+    Galleries record it, so that they are searched with descriptors of the weights that built
+    them, whatever the folder is called.
+
+    Raises:
+        CheckpointError: the weights file does not exist.
+    """
+    path = Path(checkpoint)
+    weights = path / WEIGHTS_FILE if path.is_dir() or not path.suffix else path
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{weights}: checkpoint weights not found; --checkpoint must be a folder with "
+            f"{WEIGHTS_FILE} (as written by the trainer) or that file"
+        )
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
