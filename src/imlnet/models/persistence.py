@@ -112,7 +112,7 @@ def load_model(
     prefix, _, number = str(fmt).rpartition("/")
     if prefix != _PREFIX or not number.isdigit():
         raise CheckpointError(
-            f"{config_file} is not an imlnet model config (no \"format\": \"{FORMAT}\"); a "
+            f'{config_file} is not an imlnet model config (no "format": "{FORMAT}"); a '
             "model folder is written by IMLNet.save_pretrained or by training (<log dir>/export)"
         )
     written_by = config.pop("imlnet_version", None)
