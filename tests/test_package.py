@@ -178,6 +178,8 @@ def test_wheel_installs_into_a_fresh_environment_and_runs_outside_the_checkout(
     (wheel,) = dist.glob("imlnet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "imlnet/configs/demo.yaml" in names and "imlnet/configs/ablations/drcl.yaml" in names
+    for static in ("index.html", "app.js", "vendor/leaflet/leaflet.js", "vendor/leaflet/LICENSE"):
+        assert f"imlnet/serve/static/{static}" in names, static
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -220,6 +222,8 @@ def test_wheel_installs_into_a_fresh_environment_and_runs_outside_the_checkout(
     code = "from imlnet.demo import recipe_trainer; print(recipe_trainer()['max_epochs'])"
     assert int(run(python, "-c", code)) >= 1
     # the smallest whole run: synthesis, training with the packaged recipe, evaluation, maps
-    run(venv / "bin" / "imlnet", "demo", "--quick", "--out", away / "demo", "--threads", "1")
+    out = run(venv / "bin" / "imlnet", "demo", "--quick", "--out", away / "demo", "--threads", "1")
+    # it ends with the command that opens its world on the map
+    assert f"imlnet serve --index {away / 'demo' / 'index'} --checkpoint" in out
     metrics = json.loads((away / "demo" / "metrics.json").read_text())
     assert metrics["training"]["steps"] >= 1 and (away / "demo" / "report.md").is_file()

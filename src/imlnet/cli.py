@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "localize": ("imlnet.geo.localize", "drone images -> top-k tiles with lat/lon"),
     "visualize": ("imlnet.visualize", "reconstructions, attention maps and retrieval grids"),
     "demo": ("imlnet.demo", "synthesise, train, evaluate and localise end to end"),
+    "serve": ("imlnet.serve.cli", "a local web page: drop drone photos, see them on the map"),
     "export": ("imlnet.export", "write the descriptor network as an ONNX file"),
     "configs": ("imlnet.resources", "list, print or copy the packaged training recipes"),
 }

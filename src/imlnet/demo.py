@@ -196,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out / "metrics.json", metrics)
     report.write_demo_report(out, metrics, figures, evaluation["tables"])
     _log(f"done in {timings['total_s'] / 60:.1f} min: {out / 'report.md'}, {out / 'metrics.json'}")
+    _log(
+        "see the world's drone views located on a map: imlnet serve --index "
+        f"{out / 'index'} --checkpoint {out / 'model'}  (then open http://127.0.0.1:8765/ and "
+        f"drop photos from {out / 'world' / 'drone'})"
+    )
     return 0
 
 

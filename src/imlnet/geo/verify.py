@@ -99,6 +99,10 @@ class Candidate:
     homography: np.ndarray | None = None  # query pixels -> map CRS coordinates
     crs: str = ""
     reason: str = ""  # why it did not verify
+    # a verified match's inliers: query pixels (after the max_query_px resize) and map window
+    # pixels, for figures of the match
+    query_px: np.ndarray | None = None
+    map_px: np.ndarray | None = None
 
 
 @dataclass
@@ -359,6 +363,7 @@ class Verifier:
         cand.pose = pose
         cand.camera_lat, cand.camera_lon = frame.to_latlon(pose.east_m, pose.north_m)
         cand.homography, cand.crs = full, win.crs.to_string()
+        cand.query_px, cand.map_px = img_pts.astype(np.float32), dst.astype(np.float32)
         cand.verified = True
         return cand
 
