@@ -8,6 +8,11 @@ the first image is embedded; the gallery folder is replaced as a whole at the en
 or a kill leaves the previous gallery as it was (rerun the command to finish the job).
 
     imlnet index tiles/ --checkpoint runs/ckpt --out gallery/ [--type flat|ivf|hnsw] [--append]
+    imlnet index MAP.tif --tile-size-m 180 --stride-m 45 --checkpoint runs/ckpt --out gallery/
+        [--devices N --num-nodes K --strategy ddp] [--shard-size 256]
+
+With rasters (MAP.tif ...), the windows are read straight into the model and embedded with
+Lightning's ``Trainer.predict``, sharded and resumable (:mod:`imlnet.embedding`).
 """
 
 from __future__ import annotations
@@ -272,6 +277,13 @@ def add_model_args(ap: argparse.ArgumentParser, *, batch_size: int = 32) -> None
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def index_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The index options of the command line that apply to ``--type``."""
+    given = {"nlist": args.nlist, "nprobe": args.nprobe, "M": args.hnsw_m}
+    given["efSearch"] = args.ef_search
+    return {k: v for k, v in given.items() if v is not None and k in DEFAULT_PARAMS[args.type]}
+
+
 def load_model_arg(args: argparse.Namespace) -> LoadedModel:
     """The model of ``--checkpoint`` or ``--onnx``, at ``--image-size`` on ``--device``."""
     return inference.load_model(
@@ -279,8 +291,30 @@ def load_model_arg(args: argparse.Namespace) -> LoadedModel:
     )
 
 
+#: inputs of `imlnet index` read as rasters (one pass, no tile files) rather than tile folders
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+
+def add_raster_args(ap: argparse.ArgumentParser) -> None:
+    """The options of ``imlnet index MAP.tif ...`` (tiling as ``imlnet tile``; Lightning)."""
+    g = ap.add_argument_group("one pass from rasters (MAP.tif ...: no tile files)")
+    g.add_argument("--tile-size-m", type=float, help="tile side on the ground")
+    g.add_argument("--stride-m", type=float, help="distance between tiles")
+    g.add_argument("--min-valid", type=float, default=0.9, help="least share of valid pixels")
+    g.add_argument("--bands", type=int, nargs="+", help="band numbers: 1 (grey) or 3 (RGB)")
+    g.add_argument("--resampling", default="bilinear", help="rasterio resampling name")
+    g.add_argument("--no-cover-edges", action="store_true", help="no tiles flush with edges")
+    g.add_argument("--allow-large", action="store_true", help="no limit on the tile count")
+    g.add_argument("--shard-size", type=int, default=256, help="tiles per shard (256)")
+    g.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto)")
+    g.add_argument("--devices", default="1", help="devices per machine (Lightning)")
+    g.add_argument("--num-nodes", type=int, default=1, help="machines (Lightning)")
+    g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+
+
 def main(argv: Sequence[str]) -> int:
-    """``imlnet index TILES... --checkpoint CKPT --out DIR``: build or extend a gallery."""
+    """``imlnet index TILES... --checkpoint CKPT --out DIR``: build or extend a gallery;
+    ``imlnet index MAP.tif ... --tile-size-m M --stride-m S ...``: one pass from rasters."""
     ap = argparse.ArgumentParser(prog="imlnet index", description=__doc__.split("\n")[0])
     ap.add_argument("tiles", type=Path, nargs="+", help="tile folder(s) from `imlnet tile`")
     ap.add_argument("--out", type=Path, required=True, help="gallery folder")
@@ -292,7 +326,13 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
     ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 128)")
     add_model_args(ap)
+    add_raster_args(ap)
     args = ap.parse_args(list(argv))
+    rasters = [t for t in args.tiles if t.suffix.lower() in RASTER_SUFFIXES]
+    if rasters:
+        from imlnet.embedding import index_command  # Lightning: only for this route
+
+        return index_command(args, rasters, index_params(args))
     model_file = args.checkpoint or args.onnx
     if args.checkpoint is not None:
         checkpoint_hash(args.checkpoint)  # the weights exist, before anything else is read
@@ -314,16 +354,7 @@ def main(argv: Sequence[str]) -> int:
         )
         index.set_search_params(nprobe=args.nprobe, efSearch=args.ef_search)
     _check_tables(tilesets, index)  # all tables together, before the first image is embedded
-    params = {
-        k: v
-        for k, v in {
-            "nlist": args.nlist,
-            "nprobe": args.nprobe,
-            "M": args.hnsw_m,
-            "efSearch": args.ef_search,
-        }.items()
-        if v is not None and k in DEFAULT_PARAMS[args.type]
-    }
+    params = index_params(args)
     for tiles in tilesets:  # at least one (nargs="+")
         index = build_index(
             loaded,

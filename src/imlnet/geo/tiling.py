@@ -24,151 +24,37 @@ spanning many degrees of latitude should be cut in parts.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-from PIL import Image
-from rasterio.enums import Resampling
-from rasterio.windows import Window
 from tqdm import tqdm
 
 from imlnet.cliargs import add_common
 from imlnet.errors import GeoError
-from imlnet.geo.coords import as_crs, crs_label, crs_short, ground_pixel_size, locate_windows
-from imlnet.geo.raster import (
-    open_raster,
-    read_window,
-    select_bands,
-    stretch_range,
-    to_uint8,
-    valid_share,
-)
-from imlnet.geo.tables import (
-    INFO_NAME,
-    TABLE_NAME,
-    TILE_COLUMNS,
-    TileSet,
-    footprint_wkt,
-    write_csv,
+from imlnet.geo.raster import open_raster
+from imlnet.geo.tables import INFO_NAME, TABLE_NAME, TILE_COLUMNS, TileSet, write_csv
+from imlnet.geo.windows import (  # the plan lives in windows.py (shared with one-pass indexing)
+    DEFAULT_MAX_TILES,
+    MIN_TILE_PX,
+    TilePlan,
+    check_plan_size,
+    plan_raster,
+    plan_tiles,
+    read_tile,
+    tile_image,
 )
 from imlnet.io import recover_staged_dir, staged_dir, write_json
 
-#: The smallest tile side, in source pixels, that is worth a gallery image.
-MIN_TILE_PX = 8
-#: Plans with more tiles than this are refused unless ``max_tiles=None`` (``--allow-large``).
-DEFAULT_MAX_TILES = 100_000
-#: Rough bytes per pixel and band of a saved tile (aerial imagery; for the disk estimate only).
-_BYTES_PER_SAMPLE = {"jpg": 0.3, "png": 0.9}
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """The pixel windows of a tiling, row-major.
-
-    Attributes:
-        tile_px: window ``(width, height)`` in source pixels.
-        cols: column offsets of the windows.
-        rows: row offsets of the windows.
-    """
-
-    tile_px: tuple[int, int]
-    cols: tuple[int, ...]
-    rows: tuple[int, ...]
-
-    def windows(self) -> list[tuple[int, int]]:
-        """``(row_off, col_off)`` of every window, row by row."""
-        return [(r, c) for r in self.rows for c in self.cols]
-
-    def __len__(self) -> int:
-        return len(self.rows) * len(self.cols)
-
-
-def _offsets(size: int, window: int, stride: float, cover_edges: bool) -> tuple[int, ...]:
-    """Window starts along one axis: every ``stride`` pixels, plus one flush with the far edge."""
-    count = math.floor((size - window) / stride + 1e-9) + 1
-    starts = sorted({round(i * stride) for i in range(count)})  # a window once, even at ~1 px
-    if cover_edges and starts[-1] + window < size:
-        starts.append(size - window)
-    return tuple(starts)
-
-
-def plan_tiles(
-    raster_px: tuple[int, int],
-    ground_pixel_m: tuple[float, float],
-    *,
-    tile_size_m: float,
-    stride_m: float,
-    cover_edges: bool = True,
-    where: str = "raster",
-) -> TilePlan:
-    """The windows of tiles ``tile_size_m`` wide every ``stride_m`` metres (no I/O).
-
-    Args:
-        raster_px: the raster's ``(width, height)`` in pixels.
-        ground_pixel_m: ground metres per pixel along x and y.
-        tile_size_m: ground size of a tile's side in metres.
-        stride_m: ground distance between neighbouring tiles' origins (< size: overlap).
-        cover_edges: add one more column/row of tiles flush with the right/bottom edge when
-            the stride grid leaves a strip uncovered (so the whole map is in the gallery).
-        where: the raster's name, for messages.
-
-    Raises:
-        GeoError: a tile is larger than the raster or under :data:`MIN_TILE_PX` pixels, or the
-            stride is under one pixel (which would write the same window under one tile_id
-            many times); the message gives the pixel size and the sensible range.
-    """
-    (width, height), (gx, gy) = raster_px, ground_pixel_m
-    tw, th = round(tile_size_m / gx), round(tile_size_m / gy)
-    if tw > width or th > height:
-        raise GeoError(
-            f"{where}: a tile of {tile_size_m:g} m ({tw} x {th} px) is larger than the map "
-            f"({width} x {height} px = {width * gx:.1f} x {height * gy:.1f} m); "
-            "use a smaller --tile-size-m"
-        )
-    smallest, largest = MIN_TILE_PX * max(gx, gy), min(width * gx, height * gy)
-    if min(tw, th) < MIN_TILE_PX:
-        raise GeoError(
-            f"{where}: a tile of {tile_size_m:g} m is {tw} x {th} px at this raster's pixel size "
-            f"({gx:.3g} x {gy:.3g} m); a tile needs at least {MIN_TILE_PX} px a side: use "
-            f"--tile-size-m between {smallest:.3g} and {largest:.3g}"
-        )
-    if stride_m < max(gx, gy) * (1 - 1e-3):  # (a stride of "0.5 m" on 0.5002 m pixels is fine)
-        raise GeoError(
-            f"{where}: a stride of {stride_m:g} m is under one pixel ({gx:.3g} x {gy:.3g} m); "
-            f"it would cut the same window many times: use --stride-m between "
-            f"{max(gx, gy):.3g} and {tile_size_m:g} (the tile size)"
-        )
-    cols = _offsets(width, tw, stride_m / gx, cover_edges)
-    rows = _offsets(height, th, stride_m / gy, cover_edges)
-    return TilePlan((tw, th), cols, rows)
-
-
-def check_plan_size(
-    plan: TilePlan, *, out_px: int, bands: int, image_format: str, max_tiles: int | None, where: str
-) -> int:
-    """The plan's rough size on disk in bytes; refuse plans over ``max_tiles`` tiles.
-
-    Raises:
-        GeoError: ``len(plan) > max_tiles``; the message gives the count, the disk estimate and
-            the flag that goes on anyway.
-    """
-    estimate = round(len(plan) * out_px * out_px * bands * _BYTES_PER_SAMPLE[image_format])
-    if max_tiles is not None and len(plan) > max_tiles:
-        raise GeoError(
-            f"{where}: the plan has {len(plan):,} tiles ({len(plan.cols)} x {len(plan.rows)}; "
-            f"about {estimate / 1e9:.1f} GB of {image_format.upper()} at {out_px} px); pass "
-            "--allow-large to go on, or use a larger --stride-m or --tile-size-m"
-        )
-    return estimate
-
-
-def _safe_stem(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", path.stem) or "tile"
+__all__ = [
+    "DEFAULT_MAX_TILES",
+    "MIN_TILE_PX",
+    "TilePlan",
+    "check_plan_size",
+    "main",
+    "plan_tiles",
+    "tile_geotiff",
+]
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -236,111 +122,45 @@ def tile_geotiff(
             or a plan out of range (see :func:`plan_tiles`); or a parameter is out of range.
     """
     src, out_dir = Path(src).resolve(), Path(out_dir)
-    if not (tile_size_m > 0 and stride_m > 0 and out_px >= 8 and 0.0 <= min_valid <= 1.0):
-        raise GeoError(
-            f"tile_size_m ({tile_size_m}) and stride_m ({stride_m}) must be > 0, out_px "
-            f"({out_px}) >= 8 and min_valid ({min_valid}) within [0, 1]"
-        )
     if image_format not in ("jpg", "png"):
         raise GeoError(f"image_format must be 'jpg' or 'png', not {image_format!r}")
-    try:
-        resample = Resampling[resampling]
-    except KeyError as err:
-        names = ", ".join(r.name for r in Resampling)
-        raise GeoError(f"unknown resampling {resampling!r}; use one of {names}") from err
     recover_staged_dir(out_dir)
     _check_out_dir(out_dir)
-    with open_raster(src) as ds:
-        band_ids = select_bands(ds, bands, src)
-        gx, gy = ground_pixel_size(ds)
-        plan = plan_tiles(
-            (ds.width, ds.height),
-            (gx, gy),
-            tile_size_m=tile_size_m,
-            stride_m=stride_m,
-            cover_edges=cover_edges,
-            where=str(src),
-        )
-        check_plan_size(
-            plan,
-            out_px=out_px,
-            bands=len(band_ids),
-            image_format=image_format,
-            max_tiles=max_tiles,
-            where=str(src),
-        )
-        crs = as_crs(ds.crs)
-        places = locate_windows(ds.transform, crs, plan.tile_px, plan.windows())
-        if not places.ok.any():
-            raise GeoError(
-                f"{src}: no tile has a latitude/longitude in the raster's CRS "
-                f"({crs_short(crs)}); reproject the raster (gdalwarp) first"
-            )
-        stretch = stretch_range(ds, band_ids, src)
-        (tw, th), stem, crs_text = plan.tile_px, _safe_stem(src), crs_label(crs)
-        kept: list[dict[str, Any]] = []
-        skipped = 0
-        with staged_dir(out_dir) as stage:
-            for i, (row_off, col_off) in enumerate(
-                tqdm(plan.windows(), desc=f"tiling {src.name}", disable=not progress)
-            ):
-                if not places.ok[i]:
-                    continue
-                window = Window(col_off, row_off, tw, th)
-                if valid_share(ds, band_ids, window, src) < min_valid:
-                    skipped += 1
-                    continue
-                data = read_window(ds, band_ids, window, out_px, resample, src)
-                pixels = to_uint8(data, stretch)
-                image = (
-                    Image.fromarray(pixels[0], "L")
-                    if len(band_ids) == 1
-                    else Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), "RGB")
-                )
-                tile_id = f"{stem}_r{row_off:06d}_c{col_off:06d}"
-                name = f"{tile_id}.{image_format}"
-                if image_format == "jpg":
-                    image.save(stage / name, format="JPEG", quality=jpeg_quality)
-                else:
-                    image.save(stage / name, format="PNG")
-                (lon, lat), corners = places.center_lonlat[i], places.corners_lonlat[i]
-                kept.append(
-                    {
-                        "tile_id": tile_id,
-                        "path": name,
-                        "col_off": col_off,
-                        "row_off": row_off,
-                        "width": tw,
-                        "height": th,
-                        "center_x": float(places.center_xy[i, 0]),
-                        "center_y": float(places.center_xy[i, 1]),
-                        "lat": float(lat),
-                        "lon": float(lon),
-                        "crs": crs_text,
-                        "size_m": round(tw * gx, 3),
-                        "source": str(src),
-                        "footprint": footprint_wkt(corners[:, 0], corners[:, 1]),
-                    }
-                )
-            params = {
-                "source": str(src),
-                "crs": crs_text,
-                "tile_size_m": tile_size_m,
-                "stride_m": stride_m,
-                "out_px": out_px,
-                "min_valid": min_valid,
-                "bands": band_ids,
-                "resampling": resample.name,
-                "image_format": image_format,
-                "tile_px": [tw, th],
-                "ground_pixel_m": [gx, gy],
-                "raster_px": [ds.width, ds.height],
-                "count": len(kept),
-                "skipped": skipped,
-                "unprojectable": int((~places.ok).sum()),
-            }
-            write_csv(stage / TABLE_NAME, kept, TILE_COLUMNS)
-            write_json(stage / INFO_NAME, params)
+    plan = plan_raster(
+        src,
+        tile_size_m=tile_size_m,
+        stride_m=stride_m,
+        out_px=out_px,
+        min_valid=min_valid,
+        bands=bands,
+        resampling=resampling,
+        cover_edges=cover_edges,
+        image_format=image_format,
+        max_tiles=max_tiles,
+    )
+    kept: list[dict[str, Any]] = []
+    skipped = 0
+    with open_raster(src) as ds, staged_dir(out_dir) as stage:
+        for row in tqdm(plan.rows, desc=f"tiling {src.name}", disable=not progress):
+            pixels = read_tile(ds, plan, row)
+            if pixels is None:
+                skipped += 1
+                continue
+            name = f"{row['tile_id']}.{image_format}"
+            image = tile_image(pixels)
+            if image_format == "jpg":
+                image.save(stage / name, format="JPEG", quality=jpeg_quality)
+            else:
+                image.save(stage / name, format="PNG")
+            kept.append({"tile_id": row["tile_id"], "path": name, **row})
+        params = {
+            **plan.params,
+            "image_format": image_format,
+            "count": len(kept),
+            "skipped": skipped,
+        }
+        write_csv(stage / TABLE_NAME, kept, TILE_COLUMNS)
+        write_json(stage / INFO_NAME, params)
     return TileSet(root=out_dir, rows=kept, skipped=skipped, params=params)
 
 
