@@ -209,7 +209,7 @@ def build_index(
             in the table or already in ``index`` (see :func:`_check_tables`).
         TypeError: a bare callable without ``transform``.
     """
-    encode, transform, device, facts = _model_parts(model, "satellite", transform, device)
+    encode, transform, device, facts = model_parts(model, "satellite", transform, device)
     tiles = tile_table if isinstance(tile_table, TileSet) else read_tileset(tile_table)
     (rows,) = _check_tables([tiles], index)
     desc = embed_images(
@@ -239,7 +239,7 @@ def build_index(
     return index
 
 
-def _model_parts(
+def model_parts(
     model: Any,
     domain: str,
     transform: Callable[[Image.Image], torch.Tensor] | None,

@@ -237,7 +237,7 @@ def localize(
     """
     if not images:
         raise GeoError("no query images given")
-    encode, transform, device, facts = gindex._model_parts(model, "drone", transform, device)
+    encode, transform, device, facts = gindex.model_parts(model, "drone", transform, device)
     if not isinstance(index, GalleryIndex):
         index = GalleryIndex.load(
             index,
