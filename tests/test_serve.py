@@ -308,3 +308,22 @@ def test_serve_command_needs_a_gallery_that_matches_the_model(
     assert "imlnet serve: error:" in err and len(err.strip().splitlines()) == 1
     assert "cannot be compared: use that checkpoint or rebuild the gallery" in err
     assert GalleryIndex.load(world.root / "index").count == TILES  # nothing changed
+
+
+def test_tiles_of_a_one_pass_gallery_are_read_from_the_raster(
+    world: SimpleNamespace, tmp_path: Path
+) -> None:
+    """`imlnet index MAP.tif` writes no tile files: the page's tile images come from the map."""
+    tif = world.root / "world" / "world.tif"
+    argv = ["index", str(tif), "--tile-size-m", "300", "--stride-m", "150", "--quiet"]
+    assert cli_main([*argv, "--checkpoint", str(world.model), "--out", str(tmp_path / "g")]) == 0
+    index = GalleryIndex.load(tmp_path / "g")
+    service = Service(world.loaded, index, tmp_path / "work", Limits())
+    with TestClient(create_app(service)) as client:
+        tile_id = index.metadata[4]["tile_id"]
+        r = client.get(f"/api/tiles/{tile_id}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(r.content)).size == (256, 256)
+        job = client.post("/api/jobs?k=9&verify=9&wait=true", files=upload(world.views[0]))
+        assert job.json()["queries"][0]["verification"]["verified"]
+    service.close()

@@ -5,7 +5,9 @@ A gallery folder holds three files:
 - ``index.faiss``: the descriptors in FAISS, searched by inner product. Descriptors are
   L2-normalised on the way in (the model's radius-``r`` descriptors only differ by the factor
   ``r``), so a score is the cosine similarity in [-1, 1] whatever the radius.
-  ``flat`` (exact, default), ``ivf`` (inverted lists, trained on the data) or ``hnsw`` (graph).
+  ``flat`` (exact, default), ``ivf`` (inverted lists, trained on the data), ``ivfpq``
+  (inverted lists of product-quantised codes: 64 bytes per 512-d vector instead of 2048, for
+  country-scale galleries) or ``hnsw`` (graph).
 - ``metadata.csv``: one row per vector, in index order: tile path, lat, lon, CRS, source, and
   every other column of the tile table.
 - ``manifest.json``: format version, the sha256 of the checkpoint's ``model.safetensors``,
@@ -14,6 +16,8 @@ A gallery folder holds three files:
 :meth:`GalleryIndex.save` writes the three files into a staging folder that replaces the gallery
 folder as a whole (:func:`imlnet.io.staged_dir`), so a failed or killed save leaves the old
 gallery; :meth:`GalleryIndex.load` checks that the three files agree. Searching needs no model.
+``GalleryIndex.load(folder, mmap=True)`` maps ``index.faiss`` instead of reading it, so a gallery
+larger than the memory can be searched (pages are read on demand); such a gallery is read-only.
 """
 
 from __future__ import annotations
@@ -38,15 +42,34 @@ from imlnet.io import recover_staged_dir, staged_dir, write_json
 FORMAT = "imlnet-gallery-index"
 FORMAT_VERSION = 1
 INDEX_FILE, METADATA_FILE, MANIFEST_FILE = "index.faiss", "metadata.csv", "manifest.json"
-IndexType = Literal["flat", "ivf", "hnsw"]
-#: Default parameters per index type (see :class:`GalleryIndex`).
+IndexType = Literal["flat", "ivf", "ivfpq", "hnsw"]
+#: Default parameters per index type (see :class:`GalleryIndex`). None: chosen from the size of
+#: the first batch added (filled in, and recorded in the manifest, when the index is trained).
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
-    "ivf": {"nlist": None, "nprobe": 16},
+    "ivf": {"nlist": None, "nprobe": 16, "train_size": None},
+    "ivfpq": {"nlist": None, "m": 64, "nbits": 8, "nprobe": 16, "train_size": None},
     "hnsw": {"M": 32, "efConstruction": 80, "efSearch": 128},
 }
 SEARCH_PARAMS = ("nprobe", "efSearch")
 GALLERY_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
+#: Index types trained (k-means) on the first batch added; their index exists only after it.
+TRAINED_TYPES = ("ivf", "ivfpq")
+#: FAISS's minimum of training points per k-means centroid (it warns below that).
+MIN_POINTS_PER_CENTROID = 39
+#: Default training points per inverted list: within FAISS's advice of 39 to 256, at a quarter
+#: of the k-means time of 256 (4000 lists on 2 cores: about 1 min instead of 4).
+TRAIN_POINTS_PER_LIST = 64
+#: Default training points per PQ centroid (FAISS's own cap for PQ codebooks).
+TRAIN_POINTS_PER_PQ_CENTROID = 256
+#: Seed of the training sample drawn from the first batch (the same gallery trains the same).
+TRAIN_SEED = 0
+#: ``faiss.read_index`` flag of :meth:`GalleryIndex.load` with ``mmap=True``: in FAISS 1.15
+#: ``IO_FLAG_MMAP_IFC`` maps the file and leaves every index type's codes (flat vectors, HNSW
+#: graph and vectors, IVF-Flat and IVF-PQ lists) as views into it, searched as fast as in
+#: memory. ``IO_FLAG_MMAP`` maps only inverted lists (as ``OnDiskInvertedLists``, ~1.5x slower
+#: on IVF-Flat here) and still reads flat and HNSW indexes whole.
+MMAP_FLAG = faiss.IO_FLAG_MMAP_IFC
 
 
 def _as_matrix(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
@@ -67,43 +90,144 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+def check_params(index_type: str, dim: int, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` merged over the defaults of ``index_type``, checked before any work is done.
+
+    Why: a bad option (a typo, ``m`` that does not divide the dim) should fail when the gallery
+    is created, not after the tiles were embedded, with a message that names the option.
+
+    Raises:
+        GeoError: an unknown type or option, an option that is not a positive integer (None
+            is allowed where the default is None), or an ivfpq ``m`` that does not divide
+            ``dim`` or ``nbits`` outside 1..16. The message names the option and the fix.
+    """
+    if index_type not in DEFAULT_PARAMS:
+        raise GeoError(f"index type must be one of {', '.join(DEFAULT_PARAMS)}, not {index_type!r}")
+    unknown = set(params) - set(DEFAULT_PARAMS[index_type])
+    if unknown:
+        raise GeoError(
+            f"unknown {index_type} option(s) {sorted(unknown)}; the options are "
+            f"{sorted(DEFAULT_PARAMS[index_type]) or 'none'}"
+        )
+    merged = {**DEFAULT_PARAMS[index_type], **params}
+    for key, value in merged.items():
+        if value is None and DEFAULT_PARAMS[index_type][key] is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise GeoError(
+                f"{index_type} option {key} must be a positive integer, got {value!r}; "
+                f"omit it for the default ({DEFAULT_PARAMS[index_type][key] or 'automatic'})"
+            )
+        merged[key] = int(value)
+    if index_type == "ivfpq":
+        if dim % merged["m"]:
+            divisors = [d for d in range(1, min(dim, 128) + 1) if dim % d == 0][-4:]
+            raise GeoError(
+                f"ivfpq option m={merged['m']} (sub-quantizers) must divide the descriptor dim "
+                f"{dim}; choose a divisor of {dim}, e.g. {', '.join(map(str, divisors))}"
+            )
+        if merged["nbits"] > 16:
+            raise GeoError(
+                f"ivfpq option nbits={merged['nbits']} (bits per sub-quantizer code) must be at "
+                "most 16; use 8 (the default, fastest) or fewer"
+            )
+    return merged
+
+
+def training_sample(x: np.ndarray, size: int, seed: int = TRAIN_SEED) -> np.ndarray:
+    """At most ``size`` rows of ``x``, drawn without replacement with a fixed seed, in order.
+
+    Why: k-means (IVF lists, PQ codebooks) costs time linear in its training set and gains
+    little beyond a few dozen points per centroid; training on a whole country-scale first
+    batch would take hours and a copy of the batch per residual.
+    """
+    if len(x) <= size:
+        return x
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), size=size, replace=False))
+    return np.ascontiguousarray(x[rows])
+
+
 def new_faiss_index(
     index_type: IndexType, dim: int, params: Mapping[str, Any], n_train: int = 0
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """An empty FAISS index of ``index_type`` for inner product, configured from ``params``.
 
     Args:
-        index_type: ``flat``, ``ivf`` or ``hnsw``.
+        index_type: ``flat``, ``ivf``, ``ivfpq`` or ``hnsw``.
         dim: descriptor dimension.
         params: options as in :data:`DEFAULT_PARAMS` (missing keys take the defaults).
-        n_train: for ivf, the number of training vectors (sets ``nlist`` when it is None).
+        n_train: for ivf and ivfpq, the size of the first batch (sets ``nlist`` and
+            ``train_size`` when they are None); the index is to be trained on
+            ``training_sample(batch, params["train_size"])``.
 
     Returns:
-        The index (ivf still untrained) and the parameters with ``nlist`` filled in.
+        The index (ivf and ivfpq still untrained) and the parameters with ``nlist`` and
+        ``train_size`` filled in.
 
     Raises:
-        GeoError: an ivf index would have more lists than training vectors.
+        GeoError: a bad option (see :func:`check_params`); ``train_size`` below 39 points per
+            list (or per PQ centroid); or a first batch too small to train (fewer descriptors
+            than lists, or for ivfpq fewer than 39 x 2^nbits).
     """
-    params = {**DEFAULT_PARAMS[index_type], **params}
+    params = check_params(index_type, dim, params)
     if index_type == "flat":
         return faiss.IndexFlatIP(dim), params
     if index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(params["efConstruction"])
-        index.hnsw.efSearch = int(params["efSearch"])
+        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["efConstruction"]
+        index.hnsw.efSearch = params["efSearch"]
         return index, params
     nlist = params["nlist"]
     if nlist is None:
-        nlist = int(np.clip(round(4 * math.sqrt(n_train)), 1, max(1, n_train // 39)))
+        top = max(1, n_train // MIN_POINTS_PER_CENTROID)
+        nlist = int(np.clip(round(4 * math.sqrt(n_train)), 1, top))
     if n_train < nlist:
         raise GeoError(
-            f"an ivf index with nlist={nlist} needs at least {nlist} descriptors in its "
-            f"first batch to train, got {n_train}; lower nlist or use --type flat"
+            f"an {index_type} index with nlist={nlist} needs at least {nlist} descriptors in "
+            f"its first batch to train, got {n_train}; lower nlist or use --type flat"
+        )
+    minimum = MIN_POINTS_PER_CENTROID * nlist
+    default_size = TRAIN_POINTS_PER_LIST * nlist
+    if index_type == "ivfpq":
+        ksub = 2 ** params["nbits"]
+        minimum = max(minimum, MIN_POINTS_PER_CENTROID * ksub)
+        default_size = max(default_size, TRAIN_POINTS_PER_PQ_CENTROID * ksub)
+        if n_train < MIN_POINTS_PER_CENTROID * ksub:
+            raise GeoError(
+                f"an ivfpq index with nbits={params['nbits']} trains {ksub}-centroid PQ "
+                f"codebooks and needs at least {MIN_POINTS_PER_CENTROID * ksub} descriptors in "
+                f"its first batch, got {n_train}; add more tiles in the first batch, lower "
+                "nbits, or use --type ivf or flat (as fast at this size)"
+            )
+    if params["train_size"] is None:
+        params["train_size"] = default_size
+    elif params["train_size"] < minimum:
+        raise GeoError(
+            f"{index_type} option train_size={params['train_size']} is below the "
+            f"{minimum} training vectors that nlist={nlist}"
+            + (f" and nbits={params['nbits']}" if index_type == "ivfpq" else "")
+            + f" need ({MIN_POINTS_PER_CENTROID} per centroid); raise train_size or omit it "
+            f"(default {default_size})"
         )
     params["nlist"] = int(nlist)
-    index = faiss.index_factory(dim, f"IVF{int(nlist)},Flat", faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = int(params["nprobe"])
+    if index_type == "ivf":
+        spec = f"IVF{nlist},Flat"
+    else:
+        spec = f"IVF{nlist},PQ{params['m']}x{params['nbits']}"
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if index_type == "ivfpq":
+        # polysemous training orders the PQ codes for Hamming-filtered search, which is never
+        # switched on here (polysemous_ht 0); it would take 4x the time of the PQ training
+        index.do_polysemous_training = False
+    index.nprobe = params["nprobe"]
     return index, params
+
+
+def read_faiss_index(path: str | Path, *, mmap: bool = False) -> faiss.Index:
+    """``faiss.read_index`` of ``path``; with ``mmap`` the file is mapped (:data:`MMAP_FLAG`):
+    the codes stay on disk and their pages are read on demand, and the index must not be
+    modified (FAISS aborts the process on an ``add`` to it)."""
+    return faiss.read_index(str(path), MMAP_FLAG if mmap else 0)
 
 
 class GalleryIndex:
@@ -112,11 +236,21 @@ class GalleryIndex:
     Args:
         dim: descriptor dimension D.
         index_type: ``"flat"`` exact search (``IndexFlatIP``); ``"ivf"`` (``IndexIVFFlat``,
-            trained with k-means on the first batch added); ``"hnsw"`` (``IndexHNSWFlat``,
-            inner-product metric).
-        params: per-type options, defaults in :data:`DEFAULT_PARAMS`: ivf ``nlist`` (None:
-            ``4 sqrt(N)`` clipped to ``N / 39``, so k-means has 39 points per list as FAISS
-            asks) and ``nprobe``; hnsw ``M``, ``efConstruction``, ``efSearch``.
+            trained with k-means on a sample of the first batch added); ``"ivfpq"``
+            (``IndexIVFPQ``, FAISS ``IVF{nlist},PQ{m}x{nbits}``: the residual of each vector to
+            its list centre coded in ``m * nbits / 8`` bytes, trained like ivf; approximate
+            scores, for galleries too large for ivf in memory); ``"hnsw"``
+            (``IndexHNSWFlat``, inner-product metric).
+        params: per-type options, defaults in :data:`DEFAULT_PARAMS`, checked by
+            :func:`check_params`. ivf and ivfpq: ``nlist`` (None: ``4 sqrt(N)`` of the first
+            batch, clipped to ``N / 39`` so k-means has 39 points per list as FAISS asks),
+            ``nprobe`` (lists searched, see :meth:`set_search_params`), ``train_size`` (None:
+            64 per list, for ivfpq at least 256 per PQ centroid, i.e. 65536 with nbits 8; the
+            k-means training set, drawn with a fixed seed from the first batch when that is
+            larger; at least 39 per list and per PQ centroid). ivfpq also: ``m`` sub-quantizers
+            (default 64; must divide the dim), ``nbits`` bits per sub-code (default 8; the first
+            batch needs at least ``39 * 2**nbits`` vectors). hnsw ``M``, ``efConstruction``,
+            ``efSearch``.
         checkpoint_hash: sha256 of the weights that made the descriptors (see
             :func:`checkpoint_hash`); checked when the index is re-opened.
         checkpoint: where those weights were (for messages only).
@@ -136,15 +270,14 @@ class GalleryIndex:
         model_config: Mapping[str, Any] | None = None,
     ) -> None:
         if index_type not in DEFAULT_PARAMS:
-            raise GeoError(f"index type must be flat, ivf or hnsw, not {index_type!r}")
+            raise GeoError(
+                f"index type must be one of {', '.join(DEFAULT_PARAMS)}, not {index_type!r}"
+            )
         if int(dim) < 1:
             raise GeoError(f"descriptor dim must be >= 1, got {dim}")
-        unknown = set(params or {}) - set(DEFAULT_PARAMS[index_type])
-        if unknown:
-            raise GeoError(f"unknown {index_type} option(s) {sorted(unknown)}")
         self.dim = int(dim)
         self.index_type: IndexType = index_type
-        self.params: dict[str, Any] = {**DEFAULT_PARAMS[index_type], **(params or {})}
+        self.params: dict[str, Any] = check_params(index_type, self.dim, params or {})
         self.checkpoint_hash = checkpoint_hash
         self.checkpoint = checkpoint
         self.radius = radius
@@ -153,7 +286,11 @@ class GalleryIndex:
         self.created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.metadata: list[dict[str, str]] = []
         self.columns: list[str] = list(REQUIRED_COLUMNS)
-        self._index: faiss.Index | None = None if index_type == "ivf" else self._new_index(0)
+        #: True for a gallery loaded with ``mmap=True``: its codes are views of the file.
+        self.read_only = False
+        self._index: faiss.Index | None = (
+            None if index_type in TRAINED_TYPES else self._new_index(0)
+        )
 
     # -- construction -------------------------------------------------------------------
     def _new_index(self, n_train: int) -> faiss.Index:
@@ -165,14 +302,21 @@ class GalleryIndex:
     ) -> None:
         """Append descriptors ``(N, D)`` and their ``N`` metadata rows (any index type).
 
-        An ivf index is trained on the first batch added; later batches go into the lists
-        found then (append data from the same kind of map, or rebuild, to keep recall).
+        An ivf or ivfpq index is trained on a sample of at most ``train_size`` vectors of the
+        first batch added; later batches go into the lists (and PQ codebooks) found then
+        (append data from the same kind of map, or rebuild, to keep recall).
 
         Raises:
-            GeoError: shapes disagree, values are not finite, a row lacks path/lat/lon/crs/
-                source or has a latitude/longitude out of range or a bad footprint, or a
-                ``tile_id`` is already in the gallery or twice in the rows.
+            GeoError: the gallery was loaded with ``mmap=True`` (read-only), shapes disagree,
+                values are not finite, a row lacks path/lat/lon/crs/source or has a
+                latitude/longitude out of range or a bad footprint, a ``tile_id`` is already in
+                the gallery or twice in the rows, or a first batch is too small to train.
         """
+        if self.read_only:
+            raise GeoError(
+                "this gallery was loaded with mmap=True and is read-only (its index is a view "
+                "of index.faiss on disk); load it with mmap=False to add tiles"
+            )
         x = _as_matrix(descriptors, "descriptors")
         if x.shape[1] != self.dim:
             raise GeoError(f"descriptors have dim {x.shape[1]}, the index has dim {self.dim}")
@@ -196,8 +340,9 @@ class GalleryIndex:
             return
         x = _l2_normalise(x)
         if self._index is None:
-            self._index = self._new_index(len(x))
-            self._index.train(x)
+            index = self._new_index(len(x))
+            index.train(training_sample(x, self.params["train_size"]))
+            self._index = index
         self._index.add(x)
         for row in rows:
             for key in row:
@@ -284,12 +429,12 @@ class GalleryIndex:
         error or a kill during the save leaves the previous gallery as it was.
 
         Raises:
-            GeoError: the index is empty (an untrained ivf index cannot be saved), or ``folder``
-                holds other files than a gallery's.
+            GeoError: the index is empty (an untrained ivf or ivfpq index cannot be saved), or
+                ``folder`` holds other files than a gallery's.
         """
         folder = Path(folder)
         if self._index is None:
-            raise GeoError("cannot save an empty ivf index: add descriptors first")
+            raise GeoError(f"cannot save an empty {self.index_type} index: add descriptors first")
         recover_staged_dir(folder)
         if folder.is_file():
             raise GeoError(f"{folder}: is a file; give a folder for the gallery")
@@ -314,6 +459,7 @@ class GalleryIndex:
         expect_checkpoint_hash: str | None = None,
         expect_dim: int | None = None,
         checkpoint_name: str | None = None,
+        mmap: bool = False,
     ) -> GalleryIndex:
         """Re-open a gallery saved by :meth:`save` (no model needed).
 
@@ -323,6 +469,15 @@ class GalleryIndex:
                 must equal the manifest's.
             expect_dim: if given, the query descriptor dim; must equal the index's.
             checkpoint_name: the checkpoint being used, for the mismatch message.
+            mmap: map ``index.faiss`` instead of reading it (``faiss.IO_FLAG_MMAP_IFC``, see
+                :data:`MMAP_FLAG`; works for every index type in FAISS 1.15): the codes stay
+                in the file and the OS reads pages when a search touches them, so resident
+                memory grows with the lists searched, not with the gallery, and pages are
+                shared between processes. The gallery is then read-only (:meth:`add` raises
+                GeoError; :meth:`save` to another folder works). Searches give the same
+                results as without mmap. Replacing the folder while it is mapped is safe on
+                POSIX (the mapped file lives until it is unmapped). ``metadata.csv`` is still
+                read into memory.
 
         Raises:
             GeoError: a file is missing or unreadable, the index is corrupt, the files disagree
@@ -336,7 +491,7 @@ class GalleryIndex:
                 raise GeoError(f"{path}: missing; build the gallery with `imlnet index`")
         manifest = _read_manifest(paths[MANIFEST_FILE])
         try:
-            raw = faiss.read_index(str(paths[INDEX_FILE]))
+            raw = read_faiss_index(paths[INDEX_FILE], mmap=mmap)
         except Exception as err:  # faiss raises RuntimeError with a C++ trace
             text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             first = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text)  # drop C++ frame
@@ -376,32 +531,54 @@ class GalleryIndex:
                 "cannot be compared: use that checkpoint or rebuild the gallery"
             )
         index_type = manifest["index_type"]
-        expected_cls = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}
+        expected_cls = {
+            "flat": faiss.IndexFlat,
+            "ivf": faiss.IndexIVFFlat,
+            "ivfpq": faiss.IndexIVFPQ,
+            "hnsw": faiss.IndexHNSW,
+        }
         if index_type not in expected_cls or not isinstance(raw, expected_cls[index_type]):
             raise GeoError(
                 f"{paths[INDEX_FILE]}: is a {type(raw).__name__}, but manifest.json says "
                 f"{index_type!r}; rebuild with `imlnet index`"
             )
-        self = cls(
-            dim,
-            index_type=index_type,
-            params=manifest.get("index_params") or {},
-            checkpoint_hash=manifest.get("checkpoint_hash", ""),
-            checkpoint=manifest.get("checkpoint", ""),
-            radius=manifest.get("radius"),
-            model_config=manifest.get("model_config") or {},
-        )
+        try:
+            self = cls(
+                dim,
+                index_type=index_type,
+                params=manifest.get("index_params") or {},
+                checkpoint_hash=manifest.get("checkpoint_hash", ""),
+                checkpoint=manifest.get("checkpoint", ""),
+                radius=manifest.get("radius"),
+                model_config=manifest.get("model_config") or {},
+            )
+        except GeoError as err:  # index_params edited by hand or from another version
+            raise GeoError(
+                f"{paths[MANIFEST_FILE]}: {err}; fix index_params or rebuild with `imlnet index`"
+            ) from err
         self.created = manifest.get("created", self.created)
         self._index = raw
+        self.read_only = bool(mmap)
         self.set_search_params(**{k: v for k, v in self.params.items() if k in SEARCH_PARAMS})
         self.metadata = [dict(row) for row in metadata]
         self.columns = list(metadata[0]) if metadata else list(REQUIRED_COLUMNS)
         return self
 
     def set_search_params(self, *, nprobe: int | None = None, efSearch: int | None = None) -> None:
-        """Change the accuracy/speed trade-off of an ivf (``nprobe``) or hnsw (``efSearch``)
-        index; recorded in the manifest on the next save."""
-        if nprobe is not None and self.index_type == "ivf":
+        """Change the accuracy/speed trade-off of an ivf or ivfpq (``nprobe``: lists searched)
+        or hnsw (``efSearch``) index; recorded in the manifest on the next save. An option that
+        does not apply to the index type is ignored (one command line serves every type); works
+        on a read-only (mmapped) gallery too.
+
+        Raises:
+            GeoError: a value that is not a positive integer.
+        """
+        for key, value in (("nprobe", nprobe), ("efSearch", efSearch)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
+            ):
+                raise GeoError(f"search option {key} must be a positive integer, got {value!r}")
+        if nprobe is not None and self.index_type in TRAINED_TYPES:
             self.params["nprobe"] = int(nprobe)
             if self._index is not None:
                 faiss.extract_index_ivf(self._index).nprobe = int(nprobe)

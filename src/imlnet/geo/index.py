@@ -279,7 +279,8 @@ def add_model_args(ap: argparse.ArgumentParser, *, batch_size: int = 32) -> None
 
 def index_params(args: argparse.Namespace) -> dict[str, Any]:
     """The index options of the command line that apply to ``--type``."""
-    given = {"nlist": args.nlist, "nprobe": args.nprobe, "M": args.hnsw_m}
+    given = {"nlist": args.nlist, "nprobe": args.nprobe, "M": args.hnsw_m, "m": args.m}
+    given["nbits"] = args.nbits
     given["efSearch"] = args.ef_search
     return {k: v for k, v in given.items() if v is not None and k in DEFAULT_PARAMS[args.type]}
 
@@ -318,12 +319,14 @@ def main(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="imlnet index", description=__doc__.split("\n")[0])
     ap.add_argument("tiles", type=Path, nargs="+", help="tile folder(s) from `imlnet tile`")
     ap.add_argument("--out", type=Path, required=True, help="gallery folder")
-    ap.add_argument("--type", choices=("flat", "ivf", "hnsw"), default="flat")
+    ap.add_argument("--type", choices=("flat", "ivf", "ivfpq", "hnsw"), default="flat")
     ap.add_argument("--append", action="store_true", help="add to the gallery in --out")
     ap.add_argument("--overwrite", action="store_true", help="replace the gallery in --out")
     ap.add_argument("--nlist", type=int, help="ivf: number of lists (default 4 sqrt(N))")
     ap.add_argument("--nprobe", type=int, help="ivf: lists searched per query (default 16)")
     ap.add_argument("--hnsw-m", type=int, help="hnsw: links per node (default 32)")
+    ap.add_argument("--m", type=int, help="ivfpq: sub-quantizers, dividing the dim (default 64)")
+    ap.add_argument("--nbits", type=int, help="ivfpq: bits per sub-quantizer code (default 8)")
     ap.add_argument("--ef-search", type=int, help="hnsw: search breadth (default 128)")
     add_model_args(ap)
     add_raster_args(ap)

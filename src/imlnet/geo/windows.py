@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from rasterio.enums import Resampling
+from rasterio.env import set_gdal_config
 from rasterio.windows import Window
 
 from imlnet.errors import GeoError
@@ -327,6 +328,9 @@ class WindowChunks(torch.utils.data.Dataset):
             as the tile image ``imlnet tile`` would write, read back).
         size: windows per chunk.
         chunks: the chunk numbers to read (default: all).
+        cache_mb: GDAL's block cache in each reading process, in MB (GDAL's default, 5 % of
+            the machine's RAM, would make every DataLoader worker grow by that much on a large
+            map; the windows are read once, so a small cache loses nothing).
     """
 
     def __init__(
@@ -335,6 +339,7 @@ class WindowChunks(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         size: int,
         chunks: Sequence[int] | None = None,
+        cache_mb: int = 256,
     ) -> None:
         if size < 1:
             raise GeoError(f"--shard-size must be >= 1, got {size}")
@@ -342,6 +347,7 @@ class WindowChunks(torch.utils.data.Dataset):
         self.where = [(p, r) for p, plan in enumerate(self.plans) for r in range(len(plan.rows))]
         self.count = -(-len(self.where) // self.size)
         self.chunks = list(range(self.count)) if chunks is None else list(chunks)
+        self.cache_mb = int(cache_mb)
         self._open: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -352,6 +358,8 @@ class WindowChunks(torch.utils.data.Dataset):
 
     def _ds(self, p: int) -> Any:
         if p not in self._open:
+            if not self._open:  # GDAL's block cache, per process: 5 % of the RAM unless told
+                set_gdal_config("GDAL_CACHEMAX", self.cache_mb)
             self._open[p] = open_raster(self.plans[p].src)
         return self._open[p]
 

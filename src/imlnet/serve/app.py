@@ -34,7 +34,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -123,14 +123,20 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(str(maps[n].png), media_type="image/png")
 
     @app.get("/api/tiles/{tile_id}")
-    async def tile(tile_id: str) -> FileResponse:
+    async def tile(tile_id: str) -> Response:
         row = service.tiles.get(tile_id)
         if row is None:
             raise UploadError(404, f"unknown tile id {tile_id!r}; tile ids are in a job's hits")
         path = Path(str(row.get("path") or ""))
-        if not path.is_file():
-            raise UploadError(404, f"tile {tile_id!r}: its image {path.name} is not on disk")
-        return FileResponse(str(path))
+        if path.is_file():
+            return FileResponse(str(path))
+        # a gallery built in one pass from its raster: the window, read from the raster
+        data = await asyncio.to_thread(_window_png, row)
+        if data is None:
+            raise UploadError(
+                404, f"tile {tile_id!r}: neither its image nor its raster is readable"
+            )
+        return Response(data, media_type="image/png")
 
     @app.post("/api/jobs")
     async def submit(
@@ -180,6 +186,31 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(str(path), media_type="image/jpeg")
 
     return app
+
+
+def _window_png(row: dict[str, Any], side: int = 256) -> bytes | None:
+    """A gallery row's window read from its source raster, as PNG (None: unreadable)."""
+    import io
+
+    import rasterio
+    from PIL import Image
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    try:
+        with rasterio.open(str(row["source"])) as ds:
+            bands = [1, 2, 3] if ds.count >= 3 else [1, 1, 1]
+            window = Window(*(int(row[k]) for k in ("col_off", "row_off", "width", "height")))
+            data = ds.read(bands, window=window, out_shape=(3, side, side),
+                           resampling=Resampling.bilinear)  # fmt: skip
+    except (KeyError, ValueError, rasterio.errors.RasterioError):
+        return None
+    if data.dtype != "uint8":
+        lo, hi = float(data.min()), float(data.max())
+        data = ((data - lo) / max(hi - lo, 1e-9) * 255).astype("uint8")
+    out = io.BytesIO()
+    Image.fromarray(data.transpose(1, 2, 0)).save(out, "PNG")
+    return out.getvalue()
 
 
 async def _read_upload(request: Request, max_mb: float) -> tuple[list[tuple[str, bytes]], Any]:
