@@ -44,3 +44,15 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
         scene=SceneConfig(extent_m=400.0, resolution_m=1.0),
     )
     return generate(cfg, tmp_path_factory.mktemp("data") / "synth", progress=False)
+
+
+def clear_world(root: Path, seed: int) -> Path:
+    """A 600 m synthetic world (summer, clear; 1 m pixels; two 256 px views) under ``root``,
+    the conditions in which verification matches: its folder (world.tif, drone/, truth.csv)."""
+    from imlnet.data.synthetic.world import WorldConfig, generate_world
+
+    cfg = WorldConfig(
+        extent_m=600.0, gsd_m=1.0, views=2, size=256, seed=seed,
+        seasons={"summer": 1.0}, weather={"clear": 1.0}, altitude_m=(70.0, 90.0),
+    )  # fmt: skip
+    return generate_world(cfg, root / "world", progress=False)

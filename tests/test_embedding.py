@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import imlnet
+from conftest import clear_world
 from imlnet.cli import main as cli_main
 from imlnet.geo.gallery import GalleryIndex
 from imlnet.geo.tiling import tile_geotiff
@@ -26,14 +27,8 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    from imlnet.data.synthetic.world import WorldConfig, generate_world
-
     root = tmp_path_factory.mktemp("onepass")
-    cfg = WorldConfig(
-        extent_m=600.0, gsd_m=1.0, views=2, size=256, seed=5,
-        seasons={"summer": 1.0}, weather={"clear": 1.0}, altitude_m=(70.0, 90.0),
-    )  # fmt: skip
-    generate_world(cfg, root / "world", progress=False)
+    clear_world(root, seed=5)
     torch.manual_seed(0)
     model = IMLNet(3, backbone="resnet18", irn=False, muml=False, descriptor_dim=16)
     folder = model.save_pretrained(root / "model", {"image_size": SIZE})

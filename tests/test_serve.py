@@ -21,6 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import clear_world
+
 pytest.importorskip("fastapi", reason="the serve extra is part of imlnet[dev]")
 from fastapi.testclient import TestClient
 
@@ -39,15 +41,10 @@ TOLERANCE_M = 25.0
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    from imlnet.data.synthetic.world import WorldConfig, generate_world
     from imlnet.geo.tiling import tile_geotiff
 
     root = tmp_path_factory.mktemp("serve")
-    cfg = WorldConfig(
-        extent_m=600.0, gsd_m=1.0, views=2, size=256, seed=4,
-        seasons={"summer": 1.0}, weather={"clear": 1.0}, altitude_m=(70.0, 90.0),
-    )  # fmt: skip
-    generate_world(cfg, root / "world", progress=False)
+    clear_world(root, seed=4)
     tiles = tile_geotiff(
         root / "world" / "world.tif", root / "tiles", tile_size_m=300, stride_m=150, out_px=64,
         progress=False,
