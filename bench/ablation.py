@@ -96,7 +96,12 @@ def run_one(row: str, seed: int, data: Path, args: argparse.Namespace) -> dict[s
             export_dir=Path(tmp) / "export",
             overlays=[row_config(row)],
         )
-        key = (module.model.config["backbone"], module.model.freeze_units, args.size)
+        key = (
+            module.model.config["backbone"],
+            module.model.freeze_units,
+            args.size,
+            bool(module.hparams.get("cache_flips")),
+        )
         if module.hparams.cache_frozen:
             module.use_cache(CACHES.get(key))
         trainer = quiet_trainer(tmp, max_epochs=args.epochs)

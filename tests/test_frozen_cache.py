@@ -14,7 +14,7 @@ from imlnet.data.datamodule import CrossViewDataModule
 from imlnet.losses import IMLNetObjective
 from imlnet.models import IMLNet
 from imlnet.models.backbone import UnitBackbone, UnitFeatures, build_backbone
-from imlnet.models.cache import PrefixCache
+from imlnet.models.cache import PrefixCache, dihedral
 from imlnet.models.outputs import IMLNetOutput
 from imlnet.training import IMLNetModule, training_losses
 
@@ -152,8 +152,8 @@ def test_prefix_cache_holds_every_rotation_in_half_precision(backbone, freeze, s
             resumed = model(None, "satellite", prefix=got)
             for name, value in outputs(full).items():
                 assert_near(outputs(resumed)[name], value, 1e-2, f"rotation {r}: {name}")
-        # rotations are taken modulo 4 and may differ per row
-        mixed = cache.get(["s1", "s0", "s1"], [1, 6, -1])
+        # symmetries are taken modulo 8 (4-7 mirrored) and may differ per row
+        mixed = cache.get(["s1", "s0", "s1"], [1, 10, -5])
         for row, (i, r) in enumerate([(1, 1), (0, 2), (1, 3)]):
             alone = cache.get([f"s{i}"], [r])
             for a, b in zip(mixed.maps, alone.maps, strict=True):
@@ -394,7 +394,8 @@ def test_module_caches_the_training_set_and_fits(synth: Path, tmp_path: Path):
     # prefixes are the cache's entries at those rotations
     batch = next(iter(dm.train_dataloader()))
     torch.manual_seed(0)
-    sat, (pd, ps) = module._cached_inputs(batch)
+    drone, sat, (pd, ps) = module._cached_inputs(batch)
+    assert torch.equal(drone, batch["drone"])  # drone images as they are without cache_flips
     turns = [
         next(k for k in range(4) if torch.equal(torch.rot90(s, k, (1, 2)), t))
         for s, t in zip(batch["satellite"], sat, strict=True)
@@ -407,6 +408,55 @@ def test_module_caches_the_training_set_and_fits(synth: Path, tmp_path: Path):
     after = model.encoder.unit_modules()[0].state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_dihedral_is_the_eight_symmetries_of_the_square():
+    x = torch.arange(9.0).reshape(1, 3, 3)
+    got = [dihedral(x, t) for t in range(8)]
+    assert all(torch.equal(got[t], torch.rot90(x, t, (1, 2))) for t in range(4))
+    assert all(torch.equal(got[4 + t], torch.rot90(x.flip(-1), t, (1, 2))) for t in range(4))
+    assert len({tuple(g.flatten().tolist()) for g in got}) == 8  # all different
+    assert torch.equal(dihedral(x, 12), got[4]) and torch.equal(dihedral(x, -1), got[7])
+
+
+@pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # the frozen units
+def test_module_caches_mirrored_images_with_cache_flips(synth: Path, tmp_path: Path):
+    L.seed_everything(0, verbose=False)
+    dm = _datamodule(synth, augment=False)
+    model = IMLNet(dm.num_classes, backbone="resnet18", freeze_units=1, **TINY)
+    module = IMLNetModule(
+        model,
+        IMLNetObjective(crop_units="random", crop_rows=2),
+        optimizer="adamw",
+        lr=1e-3,
+        export_dir=str(tmp_path / "export"),
+        cache_frozen=True,
+        cache_flips=True,
+    )
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    train = dm.train_set
+    drones = [str(p) for b in train.classes for p in train.drone_files[b]]
+    sats = [str(p) for b in train.classes for p in train.satellite_files[b]]
+    expected = {(p, t) for p in drones for t in (0, 4)} | {(p, t) for p in sats for t in range(8)}
+    assert set(module._cache.rows) == expected
+    # each pair's images take a drawn symmetry, and their prefixes are the cache's entries for it
+    batch = next(iter(dm.train_dataloader()))
+    seen_d, seen_s = set(), set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        drone, sat, (pd, ps) = module._cached_inputs(batch)
+        for orig, got, allowed, seen in (
+            (batch["drone"], drone, (0, 4), seen_d),
+            (batch["satellite"], sat, range(8), seen_s),
+        ):
+            for o, g in zip(orig, got, strict=True):
+                seen.add(next(t for t in allowed if torch.equal(dihedral(o, t), g)))
+        with torch.no_grad():
+            assert_same_features(ps, model.eval().frozen_prefix(sat), tol=1e-2)
+            assert_same_features(pd, model.frozen_prefix(drone), tol=1e-2)
+    assert seen_d == {0, 4} and len(seen_s) >= 6  # mirrored drone images occur
 
 
 @pytest.mark.parametrize(

@@ -451,6 +451,39 @@ def test_meta_round_trips_and_old_configs_load(tmp_path):
     assert IMLNet.from_pretrained(folder).config["muml_head"] == "paper"
 
 
+@pytest.mark.parametrize("turns", [2, 4])
+def test_satellite_descriptors_pooled_over_turns(tmp_path, batch, turns):
+    drone, sat, _ = batch
+    plain = small_model(irn=False, muml=False, radius=2.0).eval()
+    pooled = small_model(irn=False, muml=False, satellite_rotations=turns, radius=2.0).eval()
+    pooled.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        got = pooled.encode(sat, "satellite")
+        step = 4 // turns
+        total = sum(
+            plain.encode(torch.rot90(sat, k * step, (2, 3)), "satellite") for k in range(turns)
+        )
+        assert torch.allclose(got, 2.0 * torch.nn.functional.normalize(total, dim=1), atol=1e-5)
+        assert torch.allclose(got.norm(dim=1), torch.full((4,), 2.0), atol=1e-5)
+        # invariant to the turns pooled over; a quarter turn changes a 2-turn descriptor
+        half = pooled.encode(torch.rot90(sat, 2, (2, 3)), "satellite")
+        assert torch.allclose(half, got, atol=1e-5)
+        quarter = pooled.encode(torch.rot90(sat, 1, (2, 3)), "satellite")
+        assert torch.allclose(quarter, got, atol=1e-5) == (turns == 4)
+        # drone photos and training are not pooled
+        assert torch.allclose(pooled.encode(drone, "drone"), plain.encode(drone, "drone"))
+        assert torch.allclose(
+            pooled(sat, "satellite").descriptor, plain(sat, "satellite").descriptor
+        )
+        loaded = IMLNet.from_pretrained(pooled.save_pretrained(tmp_path / "m"))
+        assert loaded.satellite_rotations == turns
+        assert torch.allclose(loaded.eval().encode(sat, "satellite"), got, atol=1e-6)
+        with pytest.raises(ValueError, match="square"):
+            pooled.encode(sat[..., :16], "satellite")
+    with pytest.raises(ValueError, match="satellite_rotations"):
+        small_model(satellite_rotations=3)
+
+
 # --------------------------------------------------------------------------- arguments, imports
 def test_invalid_arguments_are_rejected():
     bad = ({"radius": 0.0}, {"pool": "max"}, {"theta": 1.0}, {"crop_padding": -0.1})

@@ -34,7 +34,7 @@ from imlnet.evaluation import evaluate_views
 from imlnet.inference import embed, view_domain
 from imlnet.losses import IMLNetObjective
 from imlnet.models.backbone import UnitFeatures
-from imlnet.models.cache import PrefixCache
+from imlnet.models.cache import PrefixCache, dihedral
 from imlnet.models.imlnet import IMLNet
 
 
@@ -98,6 +98,10 @@ class IMLNetModule(L.LightningModule):
             cache holds the images as they are, the satellite images at four rotations by 90
             degrees, one of which the module draws per pair (its augmentation). MUML crops are
             new images and pass the whole encoder.
+        cache_flips: with ``cache_frozen``, also cache every training image mirrored left to
+            right (twice the cache and its build time) and draw, per pair, whether the drone
+            image is mirrored and which of the eight symmetries of the square the satellite
+            image takes (the flip augmentation of the University-1652 baseline, exact).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class IMLNetModule(L.LightningModule):
         export_dir: str | None = None,
         channels_last: bool = False,
         cache_frozen: bool = False,
+        cache_flips: bool = False,
     ) -> None:
         super().__init__()
         # The parts are modules (saved in the state dict); their arguments are in the CLI's
@@ -166,12 +171,11 @@ class IMLNetModule(L.LightningModule):
             )
         from imlnet.data.images import read_image
 
+        drone_t, sat_t = self._symmetries()
         items = []
         for bid in train.classes:
-            items += [(str(p), "drone", 0) for p in train.drone_files[bid]]
-            items += [
-                (str(p), "satellite", r) for p in train.satellite_files[bid] for r in range(4)
-            ]
+            items += [(str(p), "drone", t) for p in train.drone_files[bid] for t in drone_t]
+            items += [(str(p), "satellite", t) for p in train.satellite_files[bid] for t in sat_t]
         transforms = {"drone": train.drone_transform, "satellite": train.satellite_transform}
 
         def load(path: str, domain: str) -> torch.Tensor:
@@ -183,28 +187,39 @@ class IMLNetModule(L.LightningModule):
             self.model, items, load, device=self.device, progress=self.trainer.is_global_zero
         )
 
+    def _symmetries(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The :func:`~imlnet.models.cache.dihedral` symmetries cached per drone and satellite
+        image: rotations of the satellite image, and with ``cache_flips`` the mirrored ones."""
+        if self.hparams.get("cache_flips"):
+            return (0, 4), tuple(range(8))
+        return (0,), (0, 1, 2, 3)
+
     def _cached_inputs(self, batch: dict[str, Any]):
-        """Satellite images rotated by a random multiple of 90 degrees, and both prefixes."""
-        sat = batch["satellite"]
-        rot = torch.randint(4, (sat.shape[0],))  # the global generator: resumes exactly
-        sat = torch.stack(
-            [torch.rot90(s, int(k), dims=(1, 2)) for s, k in zip(sat, rot, strict=True)]
-        )
+        """Drone and satellite images under a random cached symmetry each, and both prefixes."""
+        drone, sat = batch["drone"], batch["satellite"]
+        drone_t, sat_t = self._symmetries()
+        # the global generator: a resumed run draws the same
+        pick_s = torch.tensor(sat_t)[torch.randint(len(sat_t), (sat.shape[0],))].tolist()
+        sat = torch.stack([dihedral(s, t) for s, t in zip(sat, pick_s, strict=True)])
+        pick_d = [0] * drone.shape[0]
+        if len(drone_t) > 1:
+            pick_d = torch.tensor(drone_t)[torch.randint(len(drone_t), (drone.shape[0],))].tolist()
+            drone = torch.stack([dihedral(d, t) for d, t in zip(drone, pick_d, strict=True)])
         assert self._cache is not None
         prefixes = (
-            self._cache.get(batch["drone_path"], None, self.device),
-            self._cache.get(batch["satellite_path"], rot.tolist(), self.device),
+            self._cache.get(batch["drone_path"], pick_d, self.device),
+            self._cache.get(batch["satellite_path"], pick_s, self.device),
         )
-        return sat, prefixes
+        return drone, sat, prefixes
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        satellite, prefixes = batch["satellite"], None
+        drone, satellite, prefixes = batch["drone"], batch["satellite"], None
         if self._cache is not None:
-            satellite, prefixes = self._cached_inputs(batch)
+            drone, satellite, prefixes = self._cached_inputs(batch)
         parts = training_losses(
             self.model,
             self.objective,
-            self._prepare(batch["drone"]),
+            self._prepare(drone),
             self._prepare(satellite),
             batch["label"],
             prefixes,

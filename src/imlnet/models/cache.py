@@ -8,9 +8,11 @@ compute them once per training image and resume the encoder after them
 
 Augmentation allows this only where the augmented input is one of a few fixed images: the
 cache holds each satellite image at its four rotations by 90 degrees (exact: the images are
-rotated before the frozen units), each drone image as it is. Random crops, free rotations and
-flips would need a new pass. The maps are held in half precision (half the memory; the
-difference to a live pass is within float16 rounding, ~1e-3 relative).
+rotated before the frozen units), each drone image as it is, and with ``flips`` also their
+mirror images (the eight symmetries of the square for a satellite image, two for a drone
+image; :func:`dihedral`). Random crops and free rotations would need a new pass. The maps are
+held in half precision (half the memory; the difference to a live pass is within float16
+rounding, ~1e-3 relative).
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ import torch
 from imlnet.models.backbone import UnitFeatures
 
 
+def dihedral(image: torch.Tensor, t: int) -> torch.Tensor:
+    """``image (..., H, W)`` under symmetry ``t`` of the square: for ``t >= 4`` mirrored left to
+    right first, then rotated by ``t % 4`` x 90 degrees (``torch.rot90`` over H, W); 0-3 are
+    the plain rotations."""
+    t = int(t) % 8
+    if t >= 4:
+        image = torch.flip(image, dims=(-1,))
+    return torch.rot90(image, t % 4, dims=(-2, -1))
+
+
 class PrefixCache:
-    """Frozen-unit features keyed by ``(key, rotation)``; built by :meth:`build`.
+    """Frozen-unit features keyed by ``(key, t)``, ``t`` a :func:`dihedral` symmetry (0-3 the
+    rotations, 4-7 the mirrored ones); built by :meth:`build`.
 
     Args:
         maps: per frozen unit, ``(N, C_i, h_i, w_i)`` float16 maps of the N cached inputs.
@@ -66,8 +79,8 @@ class PrefixCache:
 
         Args:
             model: an :class:`~imlnet.models.imlnet.IMLNet` with ``freeze_units >= 1``.
-            items: ``(key, domain, rotation)``: the image ``load(key)`` rotated by
-                ``rotation`` x 90 degrees (``torch.rot90`` over H, W), through ``domain``'s
+            items: ``(key, domain, t)``: the image ``load(key)`` under the symmetry ``t``
+                (:func:`dihedral`; 0-3: rotated by ``t`` x 90 degrees), through ``domain``'s
                 encoder.
             load: ``(key, domain)`` -> normalised ``(3, H, W)`` image (the training set's own
                 transform).
@@ -83,7 +96,7 @@ class PrefixCache:
         rows: dict[tuple[str, int], int] = {}
         groups: dict[str, list[tuple[str, int]]] = {}
         for key, domain, rot in items:
-            groups.setdefault(domain, []).append((key, int(rot) % 4))
+            groups.setdefault(domain, []).append((key, int(rot) % 8))
         bar = tqdm(total=len(items), desc="caching frozen units", disable=not progress)
         for domain, entries in groups.items():
             for at in range(0, len(entries), batch_size):
@@ -93,7 +106,7 @@ class PrefixCache:
                 for key, rot in chunk:
                     if key not in images:
                         images[key] = load(key, domain)
-                    batch.append(torch.rot90(images[key], rot, dims=(1, 2)))
+                    batch.append(dihedral(images[key], rot))
                 feats = model.frozen_prefix(torch.stack(batch).to(device), domain)
                 for i, m in enumerate(feats.maps):
                     if len(maps) <= i:
@@ -117,18 +130,20 @@ class PrefixCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> UnitFeatures:
-        """The cached features of ``keys`` (at ``rotations``, default 0) as one batch.
+        """The cached features of ``keys`` (under the symmetries ``rotations``, default 0: as
+        they are) as one batch.
 
         Raises:
             KeyError: a key (or rotation) that was not cached, named in the message.
         """
-        rots = [0] * len(keys) if rotations is None else [int(r) % 4 for r in rotations]
+        rots = [0] * len(keys) if rotations is None else [int(r) % 8 for r in rotations]
         try:
             index = torch.tensor([self.rows[(k, r)] for k, r in zip(keys, rots, strict=True)])
         except KeyError as err:
             raise KeyError(
                 f"{err.args[0]} is not in the frozen-feature cache: it holds the training set's "
-                "images (satellite at 4 rotations); rebuild it after changing the data"
+                "images (satellite at 4 rotations, and mirrored with flips); rebuild it after "
+                "changing the data"
             ) from None
         maps = tuple(m[index].to(device=device, dtype=dtype) for m in self.maps)
         pool = None

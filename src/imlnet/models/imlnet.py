@@ -70,6 +70,13 @@ class IMLNet(nn.Module):
         freeze_units: the first k encoder units (0..4) keep their (pretrained) weights: no
             gradients, and batch norm in eval mode (ImageNet statistics) even in training. MUML
             heads on frozen units still train; the frozen prefix runs without autograd.
+        satellite_rotations: 1, 2 or 4: a satellite image's retrieval descriptor
+            (:meth:`encode`) is the normalised sum of the descriptors of the image turned by
+            0, 90, 180, 270 degrees (the first ``satellite_rotations``). A drone photo's
+            heading is arbitrary while a map is north-up, so pooling over the square's turns
+            makes the gallery descriptor invariant to them; it costs one pass per rotation over
+            the gallery (built once), nothing per query, and does not change training. 1: the
+            paper's single pass.
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class IMLNet(nn.Module):
         dropout: float = 0.5,
         last_stages: Literal["dilated", "dropped"] = "dilated",
         freeze_units: int = 0,
+        satellite_rotations: int = 1,
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -108,6 +116,8 @@ class IMLNet(nn.Module):
             raise ValueError("descriptor_dim and muml_channels must be >= 1")
         if not 0 <= int(freeze_units) <= 4:
             raise ValueError(f"freeze_units must be in 0..4, got {freeze_units}")
+        if int(satellite_rotations) not in (1, 2, 4):
+            raise ValueError(f"satellite_rotations must be 1, 2 or 4, got {satellite_rotations}")
         self._config: dict[str, Any] = {
             "num_classes": int(num_classes),
             "backbone": backbone,
@@ -125,6 +135,7 @@ class IMLNet(nn.Module):
             "dropout": float(dropout),
             "last_stages": last_stages,
             "freeze_units": int(freeze_units),
+            "satellite_rotations": int(satellite_rotations),
         }
         #: how the model was trained (e.g. ``image_size``), saved with it; see save_pretrained
         self.meta: dict[str, Any] = {}
@@ -156,6 +167,7 @@ class IMLNet(nn.Module):
         info = self._encoder("drone").feature_info
         self.heads = build_heads(info, muml_channels, num_classes, muml_head) if muml else None
         self.freeze_units = int(freeze_units)
+        self.satellite_rotations = int(satellite_rotations)
         for module in self._frozen_modules():
             module.requires_grad_(False)
 
@@ -253,8 +265,26 @@ class IMLNet(nn.Module):
         return IMLNetOutput(descriptor, embedding, logits, unit_logits, unit_maps, rec)
 
     def encode(self, x: torch.Tensor, domain: Domain = "drone") -> torch.Tensor:
-        """Retrieval descriptors ``(B, D)`` of radius r of ``(B, 3, H, W)`` images (no IRN/MUML)."""
-        return self.descriptor_head(self._encoder(domain).forward_features(x))[0]
+        """Retrieval descriptors ``(B, D)`` of radius r of ``(B, 3, H, W)`` images (no IRN/MUML).
+
+        Satellite images with ``satellite_rotations > 1``: the sum of the descriptors of the
+        image at each turn, back on the sphere of radius r (square images only).
+        """
+        encoder = self._encoder(domain)
+        turns = self.satellite_rotations if domain == "satellite" else 1
+        if turns == 1:
+            return self.descriptor_head(encoder.forward_features(x))[0]
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(
+                f"satellite_rotations {turns} needs square satellite images, got "
+                f"{tuple(x.shape[-2:])}"
+            )
+        step = 4 // turns
+        total = sum(
+            self.descriptor_head(encoder.forward_features(torch.rot90(x, k * step, (-2, -1))))[0]
+            for k in range(turns)
+        )
+        return to_sphere(total, self.radius)
 
     @torch.no_grad()
     def frozen_prefix(self, x: torch.Tensor, domain: Domain = "drone") -> UnitFeatures:
