@@ -190,6 +190,15 @@ def test_reconstruction_and_id_losses_by_hand() -> None:
     pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     target = torch.tensor([[[[1.0, 0.0], [3.0, 1.0]]]])
     torch.testing.assert_close(reconstruction_loss(pred, target), torch.tensor((4.0 + 9.0) / 4))
+    # rec_turns=4: per image the least error over the target's four turns. Image 0 is its
+    # target turned once (error 0 at that turn), image 1 is off by 1 everywhere at every turn
+    target = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    pred = torch.stack([torch.rot90(target[0], 3, (1, 2)), torch.ones(3, 4, 4) * 100])
+    per_turn = [((pred[1] - torch.rot90(target[1], k, (1, 2))) ** 2).mean() for k in range(4)]
+    torch.testing.assert_close(reconstruction_loss(pred, target, 4), min(per_turn) / 2)
+    assert float(reconstruction_loss(pred, target)) > float(reconstruction_loss(pred, target, 4))
+    with pytest.raises(ValueError, match="turns"):
+        reconstruction_loss(pred, target, 2)
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     labels = torch.tensor([0, 2])
     p0 = math.exp(2.0) / (math.exp(2.0) + 1.0 + math.exp(-1.0))

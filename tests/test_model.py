@@ -291,6 +291,14 @@ def test_satellite_autoencoding_target(batch):
         got = training_losses(model, IMLNetObjective(w_rec_satellite=1.0), drone, sat, labels)
         rec_s = model(sat, "satellite").reconstruction
     assert float(got["rec_satellite"]) == pytest.approx(float(reconstruction_loss(rec_s, sat)))
+    # rec_turns=4: the drone reconstruction against the target's best turn
+    with torch.no_grad():
+        turned = training_losses(model, IMLNetObjective(rec_turns=4), drone, sat, labels)
+        rec_d = model(drone, "drone").reconstruction
+    assert float(turned["rec"]) == pytest.approx(float(reconstruction_loss(rec_d, sat, 4)))
+    assert float(turned["rec"]) < float(got["rec"])
+    with pytest.raises(ValueError, match="rec_turns"):
+        IMLNetObjective(rec_turns=2)
 
 
 @pytest.mark.parametrize("share", [True, False])

@@ -60,6 +60,9 @@ class IMLNetObjective(nn.Module):
             a buffer, so a resumed run continues the same sequence.
         temperature, learn_temperature, label_smoothing: of InfoNCE (``triplet="infonce"`` or
             ``w_infonce > 0`` only; Sample4Geo: 0.07, learned, 0.1).
+        rec_turns: 4: ``rec`` is the least error over the satellite target's four turns
+            (:func:`imlnet.losses.reconstruction.reconstruction_loss`; the drone photo does not
+            say which way is north); 1: the paper's plain error.
     """
 
     def __init__(
@@ -78,8 +81,12 @@ class IMLNetObjective(nn.Module):
         learn_temperature: bool = True,
         label_smoothing: float = 0.1,
         w_infonce: float = 0.0,
+        rec_turns: int = 1,
     ) -> None:
         super().__init__()
+        if int(rec_turns) not in (1, 4):
+            raise ValueError(f"rec_turns must be 1 or 4, got {rec_turns}")
+        self.rec_turns = int(rec_turns)
         if triplet not in TRIPLETS:
             raise ValueError(f"triplet must be one of {TRIPLETS}, got {triplet!r}")
         if crop_units not in ("all", "random"):
@@ -155,7 +162,7 @@ class IMLNetObjective(nn.Module):
         if self.weights["infonce"] > 0 and self.infonce is not None:
             parts["infonce"] = self.infonce(d.descriptor, s.descriptor, labels)
         if d.reconstruction is not None:
-            parts["rec"] = reconstruction_loss(d.reconstruction, satellite)
+            parts["rec"] = reconstruction_loss(d.reconstruction, satellite, self.rec_turns)
         if s.reconstruction is not None and self.reconstruct_satellite:
             parts["rec_satellite"] = reconstruction_loss(s.reconstruction, satellite)
         if out.drone_crops is not None and out.satellite_crops is not None:
