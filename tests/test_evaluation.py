@@ -483,6 +483,10 @@ def test_cli_model_on_dataset_folder(tmp_path, monkeypatch, capsys):
     assert results["drone->satellite"] == pytest.approx(want)
     saved = load_features(tmp_path / "feats.npz")[""]
     assert saved["gallery_drone"][1].tolist() == [1, 1, 2, 2, 3, 3, 9, 9]
+    # --satellite-rotations overrides the model's pooling of satellite descriptors
+    assert not hasattr(model, "satellite_rotations")
+    assert main(model_argv(tmp_path, "--satellite-rotations", "4")) == 0
+    assert model.satellite_rotations == 4
 
 
 def test_cli_model_sues200_per_altitude(tmp_path, monkeypatch, capsys):

@@ -132,8 +132,13 @@ def test_onnx_errors_are_one_clear_message(
         imlnet.load_model(path)
 
 
-def test_two_encoders_are_exported_one_domain_at_a_time(tmp_path: Path) -> None:
-    folder = save(tmp_path, share_weights=False)
+@pytest.mark.parametrize(
+    "kw", [{"share_weights": False}, {"satellite_rotations": 4}], ids=["two-encoders", "turns"]
+)
+def test_two_encoders_are_exported_one_domain_at_a_time(tmp_path: Path, kw: dict) -> None:
+    # one encoder per domain, or one whose satellite descriptors pool over the turns (inside
+    # the satellite graph): the domains' graphs differ
+    folder = save(tmp_path, **kw)
     with pytest.raises(ImlnetError) as caught:
         export_onnx(folder, tmp_path / "both.onnx")
     assert "export each with --domain drone (queries) and --domain satellite" in str(caught.value)

@@ -79,8 +79,9 @@ def export_onnx(
         checkpoint: a model folder (or what :func:`imlnet.load_model` returns for one).
         out: the ``.onnx`` file, written atomically.
         domain: ``"drone"`` or ``"satellite"``: which encoder. None: both, which needs one
-            encoder for both domains (``share_weights``, every shipped recipe); a model with
-            one encoder per domain is exported once per domain.
+            encoder for both domains (``share_weights``) that encodes them alike; a model with
+            one encoder per domain, or whose satellite descriptors pool over turns
+            (``satellite_rotations``, the demo's), is exported once per domain.
         flip: put the mirror sum and the L2 normalisation inside the graph.
         image_size: the input side (None: the model's training size).
         opset: the ONNX opset.
@@ -102,6 +103,12 @@ def export_onnx(
         raise ImlnetError(
             f"{loaded.source}: the model has one encoder per domain; export each with "
             "--domain drone (queries) and --domain satellite (gallery tiles)"
+        )
+    if domain is None and int(model.config.get("satellite_rotations", 1)) > 1:
+        raise ImlnetError(
+            f"{loaded.source}: the model pools satellite descriptors over "
+            f"{model.config['satellite_rotations']} turns, so the two domains' graphs differ; "
+            "export each with --domain drone (queries) and --domain satellite (gallery tiles)"
         )
     side = domain or "drone"
     size = int(image_size or loaded.image_size)

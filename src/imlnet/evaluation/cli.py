@@ -49,6 +49,8 @@ def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dic
     """Features of every test view once, then the metrics, the breakdown and the weather
     protocol of each setting. Returns results, sizes and the extra reports per setting."""
     loaded = load_model(args.checkpoint, device, image_size=args.image_size)
+    if args.satellite_rotations is not None:  # the model's own choice unless asked
+        loaded.model.satellite_rotations = int(args.satellite_rotations)
     results: dict[str, dict[str, float]] = {}
     sizes: dict[str, dict[str, int]] = {}
     extra: dict[str, dict[str, Any]] = {}
@@ -186,6 +188,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--save-features", type=Path, help="also save the extracted features (.npz)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument(
+        "--satellite-rotations",
+        type=int,
+        choices=(1, 2, 4),
+        help="satellite descriptors pooled over this many turns (default: the model's "
+        "satellite_rotations; 1 is the paper's single pass)",
+    )
     multi = ap.add_argument_group("multi-domain evaluation (a model on a dataset)")
     multi.add_argument(
         "--by",
