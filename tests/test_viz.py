@@ -118,3 +118,15 @@ def test_output_stems_are_unique():
 
     paths = [Path("a/0001/image-01.jpeg"), Path("b/0001/image-01.jpeg"), Path("c/0002/x.jpeg")]
     assert _output_stems(paths) == ["0001_image-01_0", "0001_image-01_1", "x"]
+
+
+def test_nearest_turns_picks_each_targets_turn():
+    from imlnet.viz import nearest_turns
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randn(3, 3, 8, 8, generator=g)
+    recons = torch.stack([torch.rot90(targets[i], k, (1, 2)) for i, k in enumerate((0, 3, 2))])
+    recons = recons + 0.01 * torch.randn(recons.shape, generator=g)
+    got = nearest_turns(targets, recons)
+    for i, k in enumerate((0, 3, 2)):
+        assert torch.equal(got[i], torch.rot90(targets[i], k, (1, 2)))

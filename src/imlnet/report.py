@@ -20,7 +20,8 @@ from imlnet.io import atomic_write
 #: Report sections: figure key -> title.
 FIGURE_TITLES = {
     "curves": "Training curves",
-    "reconstruction": "IRN: drone input, reconstruction, satellite target",
+    "reconstruction": "IRN: drone input, reconstruction, satellite target (at its turn nearest "
+    "the reconstruction)",
     "attention_drone": "MUML: per-unit attention maps and crop boxes (drone)",
     "attention_satellite": "MUML: per-unit attention maps and crop boxes (satellite)",
     "retrieval": "Retrieval: drone queries and their top-5 satellite images (green = true match)",
@@ -59,9 +60,11 @@ def demo_figures(
     with torch.no_grad():
         output = model(batch["drone"], "drone")
     if output.reconstruction is not None:
+        # each target at its turn nearest the reconstruction (what rec_turns=4 scores)
+        target = viz.nearest_turns(batch["satellite"], output.reconstruction)
         save(
             "reconstruction",
-            viz.reconstruction_figure(batch["drone"], batch["satellite"], output.reconstruction),
+            viz.reconstruction_figure(batch["drone"], target, output.reconstruction),
         )
     if model.config.get("muml"):
         for name in ("drone", "satellite"):

@@ -47,6 +47,15 @@ def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     return path
 
 
+def nearest_turns(targets: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
+    """Each ``(B, 3, H, W)`` target turned by the multiple of 90 degrees nearest (least mean
+    squared error) its reconstruction, the turn that ``rec_turns=4`` scores."""
+    turned = torch.stack([torch.rot90(targets, k, (-2, -1)) for k in range(4)])  # (4, B, ...)
+    err = (turned - recons[None].to(turned.dtype)).pow(2).flatten(2).mean(2)  # (4, B)
+    best = err.argmin(0)
+    return turned[best, torch.arange(targets.shape[0])]
+
+
 def reconstruction_figure(
     drones: torch.Tensor,
     satellites: torch.Tensor | None,
