@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imlnet demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/demo", help="output folder")
     ap.add_argument("--data", default=None, help="benchmark folder (default: OUT/data, reused)")
-    ap.add_argument("--locations", type=int, default=600, help="train+test locations")
-    ap.add_argument("--train-fraction", type=float, default=0.85)
-    ap.add_argument("--views", type=int, default=8, help="drone views per location")
+    ap.add_argument("--locations", type=int, default=1200, help="train+test locations")
+    ap.add_argument("--train-fraction", type=float, default=0.925)
+    ap.add_argument("--views", type=int, default=4, help="drone views per location")
     add_common(ap, image_size=128, workers=True)
     ap.set_defaults(workers=None)  # the generator picks one rendering process per core
     ap.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
