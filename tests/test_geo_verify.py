@@ -129,6 +129,32 @@ def test_rendered_view_gives_its_camera_position(
     assert 0.5 < res.confidence <= 1.0
 
 
+@pytest.mark.parametrize("similarity", [True, False], ids=["similarity", "homography"])
+def test_a_fit_does_not_depend_on_the_threads_generator(similarity: bool) -> None:
+    import cv2
+
+    from imlnet.geo.verify import _Features
+
+    # 60 matches, a third of them a noisy similarity and the rest anywhere: a fit whose inliers
+    # depend on which samples RANSAC draws
+    rng = np.random.default_rng(0)
+    n = 60
+    pts = rng.uniform(0, 200, (n, 2)).astype(np.float32)
+    c, s_ = np.cos(0.3) * 1.2, np.sin(0.3) * 1.2
+    ref = pts @ np.array([[c, s_], [-s_, c]], np.float32) + 15 + rng.normal(0, 2.5, (n, 2))
+    ref[20:] = rng.uniform(0, 240, (n - 20, 2))
+    desc = np.eye(128, dtype=np.float32)[:n] + rng.uniform(0, 0.01, (n, 128)).astype(np.float32)
+    query, target = _Features(pts, desc), _Features(ref.astype(np.float32), desc)
+    verifier = Verifier(VerifyConfig())
+    results = []
+    for seed in (1, 987654, 5):  # what the thread drew before (other queries, other fits)
+        cv2.setRNGSeed(seed)
+        H, mask, matches = verifier.match(query, target, similarity=similarity)
+        assert matches == n and H is not None
+        results.append((H.round(9).tolist(), mask.tolist()))
+    assert results[0] == results[1] == results[2]
+
+
 def test_a_large_photo_is_shrunk_and_still_gives_its_camera(world: SimpleNamespace) -> None:
     camera = R.Camera((-60.0, -20.0, 90.0), 0.0, 65.0, 55.0)
     small = render(world, camera)

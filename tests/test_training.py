@@ -277,6 +277,7 @@ def _objective_args(objective: IMLNetObjective) -> dict[str, object]:
         "w_id": w["id"],
         "w_crop": w["id_crops"],
         "w_infonce": w["infonce"],
+        "rec_turns": objective.rec_turns,
     }
 
 

@@ -206,6 +206,10 @@ class Verifier:
         if len(good) < 4:
             return None, np.zeros(len(good), bool), len(good)
         thr = self.cfg.threshold_px
+        # OpenCV's RANSAC draws from the calling thread's generator: seeded per fit, a query's
+        # result does not depend on what that thread fitted before (the web service's worker
+        # thread and the command line give the same fixes)
+        cv2.setRNGSeed(0)
         if similarity:
             A, mask = cv2.estimateAffinePartial2D(
                 src,
