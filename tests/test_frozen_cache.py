@@ -433,6 +433,8 @@ def test_module_caches_mirrored_images_with_cache_flips(synth: Path, tmp_path: P
         cache_frozen=True,
         cache_flips=True,
     )
+    with pytest.raises(ValueError, match="set cache_frozen: true"):
+        IMLNetModule(model, cache_flips=True)
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2

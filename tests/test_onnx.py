@@ -127,6 +127,9 @@ def test_onnx_errors_are_one_clear_message(
     assert code == 2 and str(broken) in err and len(err.strip().splitlines()) == 1
     assert cli_main(["export", str(folder), "--onnx", str(tmp_path / "m.pt")]) == 2
     assert "the file name must end in .onnx" in capsys.readouterr().err
+    argv = ["evaluate", "--checkpoint", str(path), "--data", str(tmp_path)]
+    assert cli_main([*argv, "--satellite-rotations", "4", "--quiet"]) == 2
+    assert "pooling is fixed at export" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     with pytest.raises(ImlnetError, match=r"pip install 'imlnet\[onnx\]'"):
         imlnet.load_model(path)

@@ -126,6 +126,11 @@ class IMLNetModule(L.LightningModule):
         cache_flips: bool = False,
     ) -> None:
         super().__init__()
+        if cache_flips and not cache_frozen:
+            raise ConfigError(
+                "cache_flips mirrors the cached frozen features: set cache_frozen: true as well "
+                "(without the cache, data.augment: true flips the images itself)"
+            )
         # The parts are modules (saved in the state dict); their arguments are in the CLI's
         # config.yaml and in the exported model's config.json.
         self.save_hyperparameters(ignore=["model", "objective"])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from imlnet.cliargs import add_common, resolve_device
-from imlnet.errors import DatasetLayoutError, DeviceError
+from imlnet.errors import ConfigError, DatasetLayoutError, DeviceError
 from imlnet.evaluation.breakdown import FIELDS, parse_bins, parse_fields
 from imlnet.evaluation.corruption import CONDITIONS, parse_conditions
 from imlnet.evaluation.features import (
@@ -50,6 +50,13 @@ def _evaluate_model(args: argparse.Namespace, device: torch.device) -> tuple[dic
     protocol of each setting. Returns results, sizes and the extra reports per setting."""
     loaded = load_model(args.checkpoint, device, image_size=args.image_size)
     if args.satellite_rotations is not None:  # the model's own choice unless asked
+        from imlnet.runtime import OnnxDescriptor
+
+        if isinstance(loaded.model, OnnxDescriptor):
+            raise ConfigError(
+                f"{args.checkpoint}: an ONNX graph's satellite pooling is fixed at export; "
+                "give the model folder to change --satellite-rotations"
+            )
         loaded.model.satellite_rotations = int(args.satellite_rotations)
     results: dict[str, dict[str, float]] = {}
     sizes: dict[str, dict[str, int]] = {}
