@@ -347,6 +347,26 @@ def _trainer(root: Path) -> L.Trainer:
     )
 
 
+def _cached_module(model: IMLNet, tmp_path: Path, **kw) -> IMLNetModule:
+    """A module that trains ``model`` from the frozen-feature cache (MUML crops of 2 pairs)."""
+    return IMLNetModule(
+        model,
+        IMLNetObjective(crop_units="random", crop_rows=2),
+        optimizer="adamw",
+        lr=1e-3,
+        export_dir=str(tmp_path / "export"),
+        cache_frozen=True,
+        **kw,
+    )
+
+
+def _training_files(dm: CrossViewDataModule) -> tuple[list[str], list[str]]:
+    """The training set's drone and satellite files, as the cache keys them."""
+    train = dm.train_set
+    drones = [str(p) for b in train.classes for p in train.drone_files[b]]
+    return drones, [str(p) for b in train.classes for p in train.satellite_files[b]]
+
+
 @pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # the frozen units
 def test_module_caches_the_training_set_and_fits(synth: Path, tmp_path: Path):
     L.seed_everything(0, verbose=False)
@@ -356,14 +376,7 @@ def test_module_caches_the_training_set_and_fits(synth: Path, tmp_path: Path):
         model, IMLNetObjective(crop_units="random"), export_dir=str(tmp_path / "export")
     )
     assert module._cache is None  # cache_frozen is off by default
-    module = IMLNetModule(
-        model,
-        IMLNetObjective(crop_units="random", crop_rows=2),
-        optimizer="adamw",
-        lr=1e-3,
-        export_dir=str(tmp_path / "export"),
-        cache_frozen=True,
-    )
+    module = _cached_module(model, tmp_path)
     frozen = {k: v.clone() for k, v in model.encoder.unit_modules()[0].state_dict().items()}
     rows: list[int] = []
     model.encoder.unit1.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
@@ -373,8 +386,7 @@ def test_module_caches_the_training_set_and_fits(synth: Path, tmp_path: Path):
     cache = module._cache
     assert isinstance(cache, PrefixCache)
     train = dm.train_set
-    drones = [str(p) for b in train.classes for p in train.drone_files[b]]
-    sats = [str(p) for b in train.classes for p in train.satellite_files[b]]
+    drones, sats = _training_files(dm)
     assert len(set(drones)) == len(drones) and len(set(sats)) == len(sats)
     expected = {(p, 0) for p in drones} | {(p, r) for p in sats for r in range(4)}
     assert set(cache.rows) == expected and len(cache) == len(drones) + 4 * len(sats)
@@ -424,23 +436,13 @@ def test_module_caches_mirrored_images_with_cache_flips(synth: Path, tmp_path: P
     L.seed_everything(0, verbose=False)
     dm = _datamodule(synth, augment=False)
     model = IMLNet(dm.num_classes, backbone="resnet18", freeze_units=1, **TINY)
-    module = IMLNetModule(
-        model,
-        IMLNetObjective(crop_units="random", crop_rows=2),
-        optimizer="adamw",
-        lr=1e-3,
-        export_dir=str(tmp_path / "export"),
-        cache_frozen=True,
-        cache_flips=True,
-    )
+    module = _cached_module(model, tmp_path, cache_flips=True)
     with pytest.raises(ValueError, match="set cache_frozen: true"):
         IMLNetModule(model, cache_flips=True)
     trainer = _trainer(tmp_path)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
-    train = dm.train_set
-    drones = [str(p) for b in train.classes for p in train.drone_files[b]]
-    sats = [str(p) for b in train.classes for p in train.satellite_files[b]]
+    drones, sats = _training_files(dm)
     expected = {(p, t) for p in drones for t in (0, 4)} | {(p, t) for p in sats for t in range(8)}
     assert set(module._cache.rows) == expected
     # each pair's images take a drawn symmetry, and their prefixes are the cache's entries for it

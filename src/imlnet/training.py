@@ -199,17 +199,20 @@ class IMLNetModule(L.LightningModule):
             return (0, 4), tuple(range(8))
         return (0,), (0, 1, 2, 3)
 
+    @staticmethod
+    def _draw(images: torch.Tensor, allowed: tuple[int, ...]) -> tuple[torch.Tensor, list[int]]:
+        """Each image under a symmetry drawn from ``allowed`` (with the global generator, so a
+        resumed run draws the same; nothing is drawn when there is one choice)."""
+        if len(allowed) == 1:
+            return images, [allowed[0]] * images.shape[0]
+        picks = torch.tensor(allowed)[torch.randint(len(allowed), (images.shape[0],))].tolist()
+        return torch.stack([dihedral(x, t) for x, t in zip(images, picks, strict=True)]), picks
+
     def _cached_inputs(self, batch: dict[str, Any]):
         """Drone and satellite images under a random cached symmetry each, and both prefixes."""
-        drone, sat = batch["drone"], batch["satellite"]
         drone_t, sat_t = self._symmetries()
-        # the global generator: a resumed run draws the same
-        pick_s = torch.tensor(sat_t)[torch.randint(len(sat_t), (sat.shape[0],))].tolist()
-        sat = torch.stack([dihedral(s, t) for s, t in zip(sat, pick_s, strict=True)])
-        pick_d = [0] * drone.shape[0]
-        if len(drone_t) > 1:
-            pick_d = torch.tensor(drone_t)[torch.randint(len(drone_t), (drone.shape[0],))].tolist()
-            drone = torch.stack([dihedral(d, t) for d, t in zip(drone, pick_d, strict=True)])
+        sat, pick_s = self._draw(batch["satellite"], sat_t)
+        drone, pick_d = self._draw(batch["drone"], drone_t)
         assert self._cache is not None
         prefixes = (
             self._cache.get(batch["drone_path"], pick_d, self.device),

@@ -50,10 +50,10 @@ def save_figure(fig, path: str | os.PathLike[str], dpi: int = 110) -> Path:
 def nearest_turns(targets: torch.Tensor, recons: torch.Tensor) -> torch.Tensor:
     """Each ``(B, 3, H, W)`` target turned by the multiple of 90 degrees nearest (least mean
     squared error) its reconstruction, the turn that ``rec_turns=4`` scores."""
-    turned = torch.stack([torch.rot90(targets, k, (-2, -1)) for k in range(4)])  # (4, B, ...)
-    err = (turned - recons[None].to(turned.dtype)).pow(2).flatten(2).mean(2)  # (4, B)
-    best = err.argmin(0)
-    return turned[best, torch.arange(targets.shape[0])]
+    from imlnet.losses.reconstruction import turn_errors
+
+    best = turn_errors(recons, targets).argmin(0).tolist()
+    return torch.stack([torch.rot90(t, k, (-2, -1)) for t, k in zip(targets, best, strict=True)])
 
 
 def reconstruction_figure(

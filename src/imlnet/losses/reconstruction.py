@@ -29,7 +29,13 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, turns: int = 1
         return F.mse_loss(pred, target)
     if turns != 4:
         raise ValueError(f"turns must be 1 or 4, got {turns}")
-    per_turn = torch.stack(
+    return turn_errors(pred, target).min(0).values.mean()
+
+
+def turn_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(4, B)``: each image's mean squared error against its target turned by k x 90 degrees
+    (``torch.rot90`` over H, W), k = 0..3, computed in float32."""
+    pred, target = pred.float(), target.float()
+    return torch.stack(
         [(pred - torch.rot90(target, k, (-2, -1))).pow(2).flatten(1).mean(1) for k in range(4)]
     )
-    return per_turn.min(0).values.mean()
