@@ -193,9 +193,9 @@ def main() -> None:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         runs = [r for part in parts for r in part["runs"]]
         rows = [r for r in ROWS if any(run["row"] == r for run in runs)]
-        merged = {**parts[0], "runs": runs, "table": summarize(runs, rows), "merged": args.merge}
-        write_json(Path(args.out), merged)
-        print(markdown(summarize(runs, rows)))
+        table = summarize(runs, rows)
+        write_json(Path(args.out), {**parts[0], "runs": runs, "table": table, "merged": args.merge})
+        print(markdown(table))
         return
     torch.set_num_threads(args.threads)
     data = Path(args.data)
