@@ -11,8 +11,8 @@ cache holds each satellite image at its four rotations by 90 degrees (exact: the
 rotated before the frozen units), each drone image as it is, and with the module's
 ``cache_flips`` also their mirror images (the eight symmetries of the square for a satellite
 image, two for a drone image; :func:`dihedral`). Random crops and free rotations would need a
-new pass. The maps are held in half precision (half the memory; the difference to a live pass is within float16
-rounding, ~1e-3 relative).
+new pass. The maps are held in half precision (half the memory; the difference to a live pass
+is within float16 rounding, ~1e-3 relative).
 """
 
 from __future__ import annotations
