@@ -142,6 +142,49 @@ def test_target_building_is_where_the_metadata_says(tiny_dataset: Path) -> None:
         assert np.abs(roof - np.array(loc["target"]["roof_rgb"])).max() < 0.1, (bid, roof)
 
 
+def test_anywhere_centres_locations_on_ground_points_between_landmarks(
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--anywhere: the pair is the crop around a ground point away from the landmark and views
+    aimed at that point; landmark locations of the same run are byte-identical to a run without
+    the option (the choice draws from a stream of its own)."""
+    cfg = tiny_config(anywhere=0.5, jitter=False)
+    root = G.generate(cfg, tmp_path / "any", progress=False)
+    meta = json.loads((root / "metadata.json").read_text())
+    plain = G.generate(tiny_config(jitter=False), tmp_path / "plain", progress=False)
+    plain_meta = json.loads((plain / "metadata.json").read_text())
+    kinds = {bid: loc["target"]["kind"] for bid, loc in meta["locations"].items()}
+    assert set(kinds.values()) == {"point", "landmark"}
+    spacing = SMALL_SCENE.extent_m / SMALL_SCENE.targets_per_side
+    for bid, loc in meta["locations"].items():
+        folder = "train/satellite" if loc["split"] == "train" else "test/gallery_satellite"
+        sat = (root / folder / bid / f"{bid}.jpg").read_bytes()
+        before = (plain / folder / bid / f"{bid}.jpg").read_bytes()
+        if kinds[bid] == "landmark":
+            assert loc == plain_meta["locations"][bid] and sat == before
+            continue
+        assert loc["target"] == {"kind": "point", "height_m": 0.0, "aim_enu_m": [0.0, 0.0, 0.0]}
+        city = T.make_city(cfg, loc["city"]["index"])
+        point = loc["city"]["target_centre_m"]
+        landmark = city.scene.targets[loc["city"]["slot"]]["centre_m"]
+        for a, b in zip(point, landmark, strict=True):  # a quarter spacing or more, per axis
+            d = (a - b) % SMALL_SCENE.extent_m
+            assert 0.25 * spacing - 1e-6 <= d <= 0.75 * spacing + 1e-6
+        # the satellite image is the clear summer crop centred on the point
+        want = T.encode_jpeg(R.render_satellite(
+            city.scene, city.light.top("summer"), 64, cfg.satellite_extent_m, tuple(point)
+        ), cfg.jpeg_quality)
+        assert sat == want and sat != before
+        for view in loc["views"]:  # every view aims at the point on the ground
+            cam = R.Camera(
+                tuple(view["camera_enu_m"]), view["yaw_deg"], view["pitch_deg"], view["fov_deg"]
+            )
+            u, v = cam.project(torch.zeros(1, 3), 64)[0].tolist()
+            assert math.hypot(u - 32, v - 32) <= 0.51
+    assert cli_main(["synth", str(tmp_path / "bad"), "--anywhere", "1.5", "--quiet"]) == 2
+    assert "--anywhere must be a share in [0, 1]" in capsys.readouterr().err
+
+
 def test_train_and_test_come_from_different_cities(tiny_dataset: Path) -> None:
     meta = json.loads((tiny_dataset / "metadata.json").read_text())
     cities: dict[str, set[int]] = {}

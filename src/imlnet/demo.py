@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--locations", type=int, default=1200, help="train+test locations")
     ap.add_argument("--train-fraction", type=float, default=0.925)
     ap.add_argument("--views", type=int, default=4, help="drone views per location")
+    ap.add_argument(
+        "--anywhere",
+        type=float,
+        default=0.0,
+        help="share of the benchmark's (and the other city's) locations centred on an arbitrary "
+        "ground point instead of a landmark (imlnet synth --anywhere)",
+    )
     add_common(ap, image_size=128, workers=True)
     ap.set_defaults(workers=None)  # the generator picks one rendering process per core
     ap.add_argument("--epochs", type=int, default=None, help="default: configs/demo.yaml")
@@ -215,6 +222,7 @@ def _synthesise(args: argparse.Namespace, out: Path) -> Path:
         size=args.image_size,
         seed=args.seed,
         train_fraction=args.train_fraction,
+        anywhere=args.anywhere,
     )
     _log(f"1/5 benchmark: {args.locations} locations x {args.views} views at {args.image_size} px")
     generate(cfg, data, progress=True, workers=args.workers)
@@ -317,6 +325,7 @@ def _other_city(args: argparse.Namespace, out: Path, model) -> dict:
         size=args.image_size,
         seed=args.seed + 1000,
         train_fraction=2 / (n_test + 2),  # two training places (unused): the test is the point
+        anywhere=args.anywhere,
         seasons=dict(OTHER_SEASONS),
         weather=dict(OTHER_WEATHER),
     )

@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-jitter", action="store_true", help="exact orbit, no random offsets")
     ap.add_argument(
+        "--anywhere",
+        type=float,
+        default=0.0,
+        help="share of locations centred on an arbitrary ground point between the landmarks "
+        "(views aimed at the ground there, as a drone photo of a map anywhere) instead of on a "
+        "landmark building (default 0: University-1652's kind)",
+    )
+    ap.add_argument(
         "--city-size-m",
         type=float,
         default=SceneConfig.extent_m,
@@ -200,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_fraction=args.train_fraction,
         distractors=args.distractors,
         jitter=not args.no_jitter,
+        anywhere=args.anywhere,
         seasons=seasons,
         weather=weather,
         scene=SceneConfig(extent_m=args.city_size_m),

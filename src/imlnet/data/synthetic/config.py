@@ -27,6 +27,7 @@ class SynthConfig:
     turns: float = 2.0  # orbits around the target over all views
     fov_deg: float = 50.0
     jitter: bool = True  # small random yaw/pitch/altitude offsets per view
+    anywhere: float = 0.0  # share of locations centred on a ground point between the landmarks
     seasons: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SEASONS))
     weather: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEATHER))
     jpeg_quality: int = 92
@@ -48,6 +49,8 @@ class SynthConfig:
                 f"--views must be >= 1 and --size an even number >= 32, got "
                 f"{self.views} and {self.size}"
             )
+        if not 0.0 <= self.anywhere <= 1.0:
+            raise ImlnetError(f"--anywhere must be a share in [0, 1], got {self.anywhere:g}")
         if self.scene.extent_m < self.satellite_extent_m:
             raise ImlnetError(
                 f"--city-size-m {self.scene.extent_m:g} must be at least the satellite image's "

@@ -4,6 +4,11 @@ A city (:mod:`imlnet.data.synthetic.city`) is generated and lit once; each of it
 gets a nadir satellite crop centred on it and a descending drone orbit around it, all views of a
 target cast as one batch of rays. Every city and every target draws from its own random stream,
 so the result does not depend on which process renders it or in what order.
+
+A target is a landmark (University-1652's kind: a building in its own block, the crop centred on
+it, the views aimed at half its height) or, for a share ``SynthConfig.anywhere`` of locations, an
+arbitrary ground point of the city between the landmarks (the views aimed at the ground there),
+which is what a drone photo of a map taken anywhere looks like (:func:`point_target`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,40 @@ from imlnet.data.synthetic.weather import apply_weather
 from imlnet.geo.coords import LocalFrame
 
 #: stream numbers of :func:`~imlnet.data.synthetic.common.random_stream`
-CITY_STREAM, VIEW_STREAM = 0, 1
+CITY_STREAM, VIEW_STREAM, POINT_STREAM = 0, 1, 7
 MAX_TARGETS_PER_CITY = 1024
+#: a point target lies this share range of the landmark spacing east and north of its landmark
+POINT_OFFSET = (0.25, 0.75)
 
 
 def view_stream(seed: int, city: int, slot: int) -> torch.Generator:
     """The random stream of one target's views (orbit jitter, conditions, weather)."""
     return random_stream(seed, city * MAX_TARGETS_PER_CITY + slot, VIEW_STREAM)
+
+
+def point_target(cfg: SynthConfig, scene: Scene, city: int, slot: int) -> dict | None:
+    """The arbitrary ground point that replaces landmark ``slot``, or ``None`` to keep it.
+
+    With probability ``cfg.anywhere`` (drawn from the slot's own stream, so landmark locations
+    render exactly as without the option) the target becomes the point a uniform share
+    :data:`POINT_OFFSET` of the landmark spacing east and north of the slot's landmark, wrapped
+    into the periodic city: between landmarks, at least a quarter spacing from each, among
+    ordinary blocks, roads and parks. Its aim is on the ground (height 0).
+    """
+    if cfg.anywhere <= 0:
+        return None
+    gen = random_stream(cfg.seed, city * MAX_TARGETS_PER_CITY + slot, POINT_STREAM)
+    u = torch.rand(3, generator=gen, dtype=torch.float64).tolist()
+    if u[0] >= cfg.anywhere:
+        return None
+    landmark = scene.targets[slot]
+    spacing = scene.extent_m / cfg.scene.targets_per_side
+    lo, hi = POINT_OFFSET
+    centre = []
+    for c, v in zip(landmark["centre_m"], u[1:], strict=True):
+        x = c + spacing * (lo + (hi - lo) * v) + scene.half
+        centre.append(round(x % scene.extent_m - scene.half, 3))
+    return {"kind": "point", "centre_m": centre, "height_m": 0.0}
 
 
 def orbit(cfg: SynthConfig, target: dict, gen: torch.Generator) -> list[R.Camera]:
@@ -105,7 +137,7 @@ def satellite_image(cfg: SynthConfig, city: City, target: dict) -> torch.Tensor:
 
 def render_target(cfg: SynthConfig, city: City, slot: int) -> RenderedTarget:
     """Render target ``slot`` of ``city``: its satellite image and its orbit of drone views."""
-    target = city.scene.targets[slot]
+    target = point_target(cfg, city.scene, city.index, slot) or city.scene.targets[slot]
     cx, cy = target["centre_m"]
     gen = view_stream(cfg.seed, city.index, slot)
     cams = orbit(cfg, target, gen)
@@ -123,15 +155,25 @@ def render_target(cfg: SynthConfig, city: City, slot: int) -> RenderedTarget:
     frame = city.frame
     lat0, lon0 = frame.to_latlon(cx, cy)
     gsd = cfg.satellite_extent_m / cfg.size
-    x0, x1, y0, y1 = target["footprint_m"]
-    c = cfg.size / 2.0
-    bbox_px = [round(c + x0 / gsd, 2), round(c - y1 / gsd, 2), round(c + x1 / gsd, 2)]
-    bbox_px.append(round(c - y0 / gsd, 2))  # left, top, right, bottom
-    bid = target["building_id"]
+    if target.get("kind") == "point":
+        described = {"kind": "point", "height_m": 0.0, "aim_enu_m": [0.0, 0.0, 0.0]}
+    else:
+        x0, x1, y0, y1 = target["footprint_m"]
+        c = cfg.size / 2.0
+        bbox_px = [round(c + x0 / gsd, 2), round(c - y1 / gsd, 2), round(c + x1 / gsd, 2)]
+        bbox_px.append(round(c - y0 / gsd, 2))  # left, top, right, bottom
+        bid = target["building_id"]
+        described = {
+            "kind": "landmark",
+            **{k: v for k, v in target.items() if k != "centre_m"},
+            "aim_enu_m": [0.0, 0.0, round(0.5 * target["height_m"], 3)],
+            "roof_rgb": [round(v, 4) for v in city.scene.roof_rgb[bid].tolist()],
+            "satellite_bbox_px": bbox_px,
+        }
     meta = {
         "lat": round(lat0, 7),
         "lon": round(lon0, 7),
-        "frame": "local east-north-up metres; origin: the target's footprint centre, on the ground",
+        "frame": "local east-north-up metres; origin: the target's centre, on the ground",
         "city": {
             "index": city.index,
             "slot": slot,
@@ -140,12 +182,7 @@ def render_target(cfg: SynthConfig, city: City, slot: int) -> RenderedTarget:
             "target_centre_m": target["centre_m"],
         },
         "scene": {"extent_m": city.scene.extent_m, "resolution_m": city.scene.resolution_m},
-        "target": {
-            **{k: v for k, v in target.items() if k != "centre_m"},
-            "aim_enu_m": [0.0, 0.0, round(0.5 * target["height_m"], 3)],
-            "roof_rgb": [round(v, 4) for v in city.scene.roof_rgb[bid].tolist()],
-            "satellite_bbox_px": bbox_px,
-        },
+        "target": described,
         "satellite": {
             "extent_m": cfg.satellite_extent_m,
             "gsd_m": gsd,
