@@ -55,8 +55,17 @@ def main() -> None:
     if not (tiles / "tiles.csv").is_file():
         _run(
             tiling.main,
-            [str(world / "world.tif"), str(tiles), "--tile-size-m", "180", "--stride-m", "45",
-             "--image-size", str(args.image_size), "--quiet"],
+            [
+                str(world / "world.tif"),
+                str(tiles),
+                "--tile-size-m",
+                "180",
+                "--stride-m",
+                "45",
+                "--image-size",
+                str(args.image_size),
+                "--quiet",
+            ],
         )
     results = {}
     for model in args.models:
@@ -67,8 +76,19 @@ def main() -> None:
         _run(index.main, [str(tiles), "--out", str(work / "index"), "--overwrite", *common])
         _run(
             localize.main,
-            [str(world / "drone"), "--verify", "0", "--no-map", "--index", str(work / "index"),
-             "--truth", str(world / "truth.csv"), "--out-dir", str(work / "localise"), *common],
+            [
+                str(world / "drone"),
+                "--verify",
+                "0",
+                "--no-map",
+                "--index",
+                str(work / "index"),
+                "--truth",
+                str(world / "truth.csv"),
+                "--out-dir",
+                str(work / "localise"),
+                *common,
+            ],
         )
         m = json.loads((work / "localise" / "metrics.json").read_text())
         row = {"seconds": round(time.perf_counter() - t, 1)}

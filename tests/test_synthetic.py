@@ -171,9 +171,12 @@ def test_anywhere_centres_locations_on_ground_points_between_landmarks(
             d = (a - b) % SMALL_SCENE.extent_m
             assert 0.25 * spacing - 1e-6 <= d <= 0.75 * spacing + 1e-6
         # the satellite image is the clear summer crop centred on the point
-        want = T.encode_jpeg(R.render_satellite(
-            city.scene, city.light.top("summer"), 64, cfg.satellite_extent_m, tuple(point)
-        ), cfg.jpeg_quality)
+        want = T.encode_jpeg(
+            R.render_satellite(
+                city.scene, city.light.top("summer"), 64, cfg.satellite_extent_m, tuple(point)
+            ),
+            cfg.jpeg_quality,
+        )
         assert sat == want and sat != before
         for view in loc["views"]:  # every view aims at the point on the ground
             cam = R.Camera(
