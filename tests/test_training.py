@@ -398,3 +398,21 @@ def test_demo_and_ablation_train_the_demo_config(synth: Path, tmp_path: Path) ->
 def test_best_checkpoint_monitors_retrieval() -> None:
     ckpt = best_checkpoint()
     assert ckpt.monitor == "val/R@1" and ckpt.mode == "max" and ckpt.save_last
+
+
+def test_demo_anywhere_reaches_both_of_its_benchmarks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``imlnet demo --anywhere S``: its benchmark and the other city's centre that share of
+    their locations on ground points (imlnet synth --anywhere); the default stays landmarks."""
+    from imlnet import demo
+    from imlnet.data.synthetic import generate as G
+
+    seen = []
+    monkeypatch.setattr(G, "generate", lambda cfg, out, **kw: seen.append(cfg) or Path(out))
+    for argv, share in (([], 0.0), (["--anywhere", "0.5"], 0.5)):
+        args = demo.build_parser().parse_args(["--out", str(tmp_path), *argv])
+        demo._synthesise(args, tmp_path)
+        other = demo.other_city_config(args)
+        assert seen[-1].anywhere == other.anywhere == share
+        assert other.seed == seen[-1].seed + 1000 and other.n_test == 90

@@ -311,15 +311,13 @@ OTHER_SEASONS = {"spring": 0.15, "summer": 0.15, "autumn": 0.2, "winter": 0.5}
 OTHER_WEATHER = {"clear": 0.3, "haze": 0.1, "fog": 0.2, "rain": 0.1, "snow": 0.1, "night": 0.2}
 
 
-def _other_city(args: argparse.Namespace, out: Path, model) -> dict:
-    """Retrieval on test places of a city of another seed, in another season and weather mix."""
+def other_city_config(args: argparse.Namespace):
+    """The other city's benchmark: as many test places as the demo's, of seed ``seed + 1000``,
+    in :data:`OTHER_SEASONS` and :data:`OTHER_WEATHER`, landmarks or anywhere as the demo's."""
     from imlnet.data.synthetic.config import SynthConfig
-    from imlnet.data.synthetic.generate import generate
-    from imlnet.evaluation import evaluate_views, format_table
-    from imlnet.evaluation.multidomain import multi_domain_report
 
     n_test = max(2, round(args.locations * (1 - args.train_fraction)))
-    cfg = SynthConfig(
+    return SynthConfig(
         locations=n_test + 2,
         views=args.views,
         size=args.image_size,
@@ -329,6 +327,16 @@ def _other_city(args: argparse.Namespace, out: Path, model) -> dict:
         seasons=dict(OTHER_SEASONS),
         weather=dict(OTHER_WEATHER),
     )
+
+
+def _other_city(args: argparse.Namespace, out: Path, model) -> dict:
+    """Retrieval on test places of a city of another seed, in another season and weather mix."""
+    from imlnet.data.synthetic.generate import generate
+    from imlnet.evaluation import evaluate_views, format_table
+    from imlnet.evaluation.multidomain import multi_domain_report
+
+    cfg = other_city_config(args)
+    n_test = cfg.n_test
     data = out / "other_city"
     _log(f"3b/5 a city of seed {cfg.seed}, mostly winter, fog and night: {n_test} test places")
     generate(cfg, data, progress=False, workers=args.workers)  # reused by a second run
