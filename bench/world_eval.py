@@ -9,12 +9,15 @@ model, through the users' commands. Prints one line per model and writes JSON.
         --world runs/world96 --views 96 --out bench/results/world_eval.json
 
 Columns: median / mean error of the retrieval estimate (score-weighted top-5 centre) and of the
-top-1 tile centre, and MA@25/50/100 m of each (share of all views within K m).
+top-1 tile centre, and MA@25/50/100 m of each (share of all views within K m). ``--plot`` draws
+the share of views within K m of the top-1 tile against K for each model (``--names`` labels
+them), with chance: a tile drawn uniformly from the gallery.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -39,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="the demo's world is seed 1")
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--out", default=None, help="JSON file")
+    ap.add_argument("--plot", default=None, help="PNG of the error curves")
+    ap.add_argument("--names", nargs="*", default=None, help="one label per model")
     args = ap.parse_args()
     world = Path(args.world)
     if not (world / "truth.csv").is_file():
@@ -106,6 +111,52 @@ def main() -> None:
         )
     if args.out:
         write_json(args.out, {"world": str(world), "views": args.views, "models": results})
+    if args.plot:
+        names = args.names or [str(m) for m in args.models]
+        plot(args.plot, world, tiles, args.models, names)
+
+
+def _top1_errors(model: str) -> list[float]:
+    with open(Path(model).parent / "world_eval" / "localise" / "fixes.csv") as handle:
+        return [float(r["top1_error_m"]) for r in csv.DictReader(handle)]
+
+
+def _chance_errors(world: Path, tiles: Path) -> list[float]:
+    """Errors of every (view, tile) pair: the top-1 error of a uniformly drawn tile."""
+    from imlnet.geo.coords import geodesic_m
+
+    with open(tiles / "tiles.csv") as handle:
+        centres = [(float(r["lat"]), float(r["lon"])) for r in csv.DictReader(handle)]
+    with open(world / "truth.csv") as handle:
+        truths = [(float(r["lat"]), float(r["lon"])) for r in csv.DictReader(handle)]
+    return [geodesic_m(a, b, c, d) for a, b in truths for c, d in centres]
+
+
+def plot(path: str, world: Path, tiles: Path, models: list[str], names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ks = np.arange(0, 601, 5)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    curves = [(n, _top1_errors(m)) for n, m in zip(names, models, strict=True)]
+    curves.append(("chance (a random tile)", _chance_errors(world, tiles)))
+    for name, errs in curves:
+        e = np.sort(np.asarray(errs))
+        share = np.searchsorted(e, ks, side="right") / len(e)
+        style = {"color": "grey", "linestyle": "--"} if name.startswith("chance") else {}
+        ax.plot(ks, 100 * share, label=name, **style)
+    ax.axvline(50, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("K: distance from the view's aim point to the top-1 tile centre (m)")
+    ax.set_ylabel("views within K m (%)")
+    ax.set_title(f"single-view retrieval over the world ({len(curves[0][1])} views, {world.name})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
