@@ -121,6 +121,14 @@ def test_view_conditions_from_metadata(tmp_path):
     with pytest.raises(DatasetLayoutError, match=r"metadata\.json not found"):
         view_conditions(tmp_path / "nowhere", ["a/b.jpeg"])
     assert view_conditions(tmp_path, ["x/1/a.png"], altitude=150) == [{"altitude_m": 150.0}]
+    # the location's target kind reaches its views (before --anywhere: a landmark)
+    (tmp_path / "metadata.json").write_text(
+        '{"locations": {"0007": {"target": {"kind": "point"}, "views": [{"file": "a.jpeg"}]},'
+        ' "0009": {"target": {"building_id": 3}, "views": [{"file": "a.jpeg"}]}}}'
+    )
+    got = view_conditions(tmp_path, ["q/0007/a.jpeg", "q/0009/a.jpeg"])
+    assert [r["target"] for r in got] == ["point", "landmark"]
+    assert group_values(got, "target") == (["point", "landmark"], ["landmark", "point"])
 
 
 def test_report_writes_json_and_png(tmp_path):

@@ -11,7 +11,8 @@ The features of every image are extracted once; a group's metrics are
   views taken in fog"); its numbers are not parts of the overall result.
 
 Where the conditions come from: the synthetic benchmark's ``metadata.json`` (per drone view:
-``season``, ``weather``, ``altitude_m``, ``pitch_deg``, ``yaw_deg``, ``distance_m``), and for
+``season``, ``weather``, ``altitude_m``, ``pitch_deg``, ``yaw_deg``, ``distance_m``; per
+location the target's ``kind``, landmark or ground point, ``imlnet synth --anywhere``), and for
 SUES-200 the altitude of each setting (150/200/250/300 m). Continuous fields are binned: by a
 step (``altitude=25`` -> 25 m bins aligned on multiples of 25, spanning the data) or by explicit
 edges (``pitch=35,40,45,50``: the intervals between them; values outside get their own
@@ -62,6 +63,8 @@ FIELDS: dict[str, Field] = {
     "pitch": Field("pitch_deg", 5.0, "°"),
     "yaw": Field("yaw_deg", 45.0, "°"),
     "distance": Field("distance_m", 25.0, " m"),
+    # the location's kind (imlnet synth --anywhere), given to each of its views
+    "target": Field("target", order=("landmark", "point")),
 }
 D2S, S2D = "drone->satellite", "satellite->drone (gallery: group)"
 
@@ -110,6 +113,15 @@ def parse_bins(specs: Sequence[str] | None) -> dict[str, float | list[float]]:
     return out
 
 
+def _with_target(view: dict[str, Any], location: Mapping[str, Any]) -> dict[str, Any]:
+    """A view record with its location's target kind (``target``: landmark or point) when the
+    location describes its target (metadata before ``--anywhere`` existed: landmarks)."""
+    target = location.get("target")
+    if not isinstance(target, Mapping):
+        return view
+    return {**view, "target": target.get("kind", "landmark")}
+
+
 def view_conditions(
     root: str | Path, paths: Sequence[str | Path], *, altitude: int | None = None
 ) -> list[dict[str, Any]]:
@@ -139,7 +151,9 @@ def view_conditions(
             f"{file}: not a synthetic benchmark metadata file ({err})"
         ) from err
     table = {
-        (bid, view["file"]): view for bid, loc in locations.items() for view in loc.get("views", ())
+        (bid, view["file"]): _with_target(view, loc)
+        for bid, loc in locations.items()
+        for view in loc.get("views", ())
     }
     out = []
     for p in paths:
