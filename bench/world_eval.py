@@ -17,13 +17,14 @@ them), with chance: a tile drawn uniformly from the gallery.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 
 from imlnet.data.synthetic.world import WorldConfig, generate_world
 from imlnet.geo import index, localize, tiling
+from imlnet.geo.coords import GEOD
+from imlnet.geo.tables import read_csv
 from imlnet.io import write_json
 
 
@@ -117,19 +118,18 @@ def main() -> None:
 
 
 def _top1_errors(model: str) -> list[float]:
-    with open(Path(model).parent / "world_eval" / "localise" / "fixes.csv") as handle:
-        return [float(r["top1_error_m"]) for r in csv.DictReader(handle)]
+    fixes = Path(model).parent / "world_eval" / "localise" / "fixes.csv"
+    return [float(r["top1_error_m"]) for r in read_csv(fixes, ["top1_error_m"])]
 
 
 def _chance_errors(world: Path, tiles: Path) -> list[float]:
     """Errors of every (view, tile) pair: the top-1 error of a uniformly drawn tile."""
-    from imlnet.geo.coords import geodesic_m
+    import numpy as np
 
-    with open(tiles / "tiles.csv") as handle:
-        centres = [(float(r["lat"]), float(r["lon"])) for r in csv.DictReader(handle)]
-    with open(world / "truth.csv") as handle:
-        truths = [(float(r["lat"]), float(r["lon"])) for r in csv.DictReader(handle)]
-    return [geodesic_m(a, b, c, d) for a, b in truths for c, d in centres]
+    centres = np.array([(float(r["lat"]), float(r["lon"])) for r in read_csv(tiles / "tiles.csv")])
+    truths = np.array([(float(r["lat"]), float(r["lon"])) for r in read_csv(world / "truth.csv")])
+    t, c = np.repeat(truths, len(centres), 0), np.tile(centres, (len(truths), 1))
+    return GEOD.inv(t[:, 1], t[:, 0], c[:, 1], c[:, 0])[2].tolist()
 
 
 def plot(path: str, world: Path, tiles: Path, models: list[str], names: list[str]) -> None:
