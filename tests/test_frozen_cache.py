@@ -463,6 +463,33 @@ def test_module_caches_mirrored_images_with_cache_flips(synth: Path, tmp_path: P
     assert seen_d == {0, 4} and len(seen_s) >= 6  # mirrored drone images occur
 
 
+@pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")  # the frozen units
+def test_module_in_channels_last_trains_from_the_cache_of_bf16_frozen_units(synth, tmp_path):
+    # the demo's CPU settings: the cached prefixes reach the trained units in channels-last
+    # layout, and they are the (bf16) frozen units' own output
+    L.seed_everything(0, verbose=False)
+    dm = _datamodule(synth, augment=False)
+    model = IMLNet(
+        dm.num_classes,
+        backbone="tf_efficientnet_lite0",
+        last_stages="dropped",
+        freeze_units=3,
+        frozen_precision="bf16",
+        **TINY,
+    )
+    module = _cached_module(model, tmp_path, channels_last=True)
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    batch = next(iter(dm.train_dataloader()))
+    drone, _, (pd, ps) = module._cached_inputs(batch)
+    maps = (*pd.maps, *ps.maps)
+    assert all(m.dtype == torch.float32 for m in maps)
+    assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps)
+    with torch.no_grad():
+        assert_same_features(pd, model.eval().frozen_prefix(drone), tol=1e-2)
+
+
 @pytest.mark.parametrize(
     ("augment", "freeze", "message"),
     [(True, 2, "augment: false"), (False, 0, "freeze_units >= 1")],
@@ -475,3 +502,42 @@ def test_module_cache_refuses_what_it_cannot_hold(synth, tmp_path, augment, free
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path).fit(module, datamodule=dm)
     assert module._cache is None
+
+
+# --------------------------------------------------------------------------- frozen precision
+@pytest.mark.parametrize(("backbone", "freeze"), FROZEN, ids=FROZEN_IDS)
+def test_frozen_units_in_bf16_hand_on_float32_and_stay_close_to_fp32(backbone, freeze):
+    fp32 = tiny_model(backbone, freeze_units=freeze).eval()
+    bf16 = tiny_model(backbone, freeze_units=freeze, frozen_precision="bf16").eval()
+    assert bf16.config["frozen_precision"] == "bf16" and fp32.config["frozen_precision"] == "fp32"
+    x = images()
+    with torch.no_grad():
+        prefix = bf16.frozen_prefix(x)
+        exact = fp32.frozen_prefix(x)
+        assert all(m.dtype == torch.float32 for m in prefix.maps)
+        # rounded to bf16 (8 bits of mantissa) on the way, never computed in fp32
+        assert not all(torch.equal(a, b) for a, b in zip(prefix.maps, exact.maps, strict=True))
+        for i, (a, b) in enumerate(zip(prefix.maps, exact.maps, strict=True)):
+            assert_near(a, b, 0.05, f"U{i + 1}")
+        # (the maxpool's arg-max may move where rounding changes which value is largest)
+        assert (prefix.pool_indices is None) == (exact.pool_indices is None)
+        # resuming from the bf16 prefix is the bf16 model's own forward (the unfrozen units in
+        # fp32 either way), and its descriptors stay close to the fp32 model's
+        full, resumed = bf16(x), bf16(None, prefix=prefix)
+        for name, value in outputs(full).items():
+            assert torch.equal(outputs(resumed)[name], value), name
+        d16, d32 = bf16.encode(x), fp32.encode(x)
+        assert d16.dtype == torch.float32
+        assert float((d16 * d32).sum(1).min()) > 0.99  # cosine of the unit descriptors
+        assert_near(bf16.encode(x, "satellite"), fp32.encode(x, "satellite"), 0.1, "satellite")
+
+
+def test_frozen_precision_auto_follows_the_device_and_is_checked():
+    from imlnet.models.imlnet import native_bf16
+
+    auto = tiny_model(freeze_units=1, frozen_precision="auto")
+    assert auto.frozen_bf16("cpu") == native_bf16("cpu")
+    assert not tiny_model(frozen_precision="bf16").frozen_bf16("cpu")  # nothing frozen
+    assert tiny_model(freeze_units=1, frozen_precision="bf16").frozen_bf16("cpu")
+    with pytest.raises(ValueError, match="frozen_precision"):
+        tiny_model(frozen_precision="half")

@@ -154,3 +154,21 @@ def test_two_encoders_are_exported_one_domain_at_a_time(tmp_path: Path, kw: dict
         sat.model.encode(x, "drone")
     meta = json.loads(json.dumps(sat.model.meta))
     assert meta["domains"] == ["satellite"]
+
+
+def test_a_model_with_bf16_frozen_units_exports_an_fp32_graph(tmp_path: Path) -> None:
+    # the graph has no autocast in it: it gives the fp32 model's descriptors, whatever the
+    # model computes its frozen units in, and the model keeps its setting
+    folder = save(tmp_path, freeze_units=2, frozen_precision="bf16")
+    loaded = imlnet.load_model(folder, "cpu")
+    assert loaded.model.frozen_precision == "bf16"
+    export_onnx(loaded, tmp_path / "m.onnx")
+    assert loaded.model.frozen_precision == "bf16"
+    x = torch.rand(3, 3, SIZE, SIZE)
+    got = imlnet.load_model(tmp_path / "m.onnx").model.encode(x, "drone")
+    with torch.no_grad():
+        bf16 = loaded.model.encode(x, "drone")
+        loaded.model.frozen_precision = "fp32"
+        fp32 = loaded.model.encode(x, "drone")
+    assert (got - fp32).abs().max() <= 1e-4
+    assert (bf16 - fp32).abs().max() > 1e-4  # (so the check above could fail)

@@ -131,18 +131,23 @@ def export_onnx(
         "weights_sha256": loaded.weights_hash,
         "config": model.config,
     }
+    precision = getattr(model, "frozen_precision", "fp32")
+    model.frozen_precision = "fp32"  # an ONNX graph is fp32 throughout (no autocast in it)
     with atomic_path(out) as tmp, torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            (example,),
-            input_names=["image"],
-            output_names=["descriptor"],
-            dynamic_shapes=({0: batch},),
-            dynamo=True,
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module,
+                (example,),
+                input_names=["image"],
+                output_names=["descriptor"],
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+        finally:
+            model.frozen_precision = precision
         proto = program.model_proto
         for key, value in meta.items():
             entry = proto.metadata_props.add()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,9 +215,12 @@ class IMLNetModule(L.LightningModule):
         sat, pick_s = self._draw(batch["satellite"], sat_t)
         drone, pick_d = self._draw(batch["drone"], drone_t)
         assert self._cache is not None
-        prefixes = (
-            self._cache.get(batch["drone_path"], pick_d, self.device),
-            self._cache.get(batch["satellite_path"], pick_s, self.device),
+        prefixes = tuple(
+            replace(feats, maps=tuple(self._prepare(m) for m in feats.maps))
+            for feats in (
+                self._cache.get(batch["drone_path"], pick_d, self.device),
+                self._cache.get(batch["satellite_path"], pick_s, self.device),
+            )
         )
         return drone, sat, prefixes
 

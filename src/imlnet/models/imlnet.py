@@ -29,6 +29,19 @@ from imlnet.models.pooling import AvgPool, GeM
 Domain = Literal["drone", "satellite"]
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16, or a CPU with AMX
+    tiles (Sapphire Rapids and later), where oneDNN's bf16 convolutions beat fp32. Elsewhere
+    bf16 is emulated and much slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(check and check())
+    return False
+
+
 def _init_like_baseline(bottleneck: nn.Sequential, classifier: nn.Linear) -> None:
     """Initialise as the University-1652 ClassBlock: kaiming fan-out, BN N(1, .02), N(0, .001)."""
     linear, bn = bottleneck
@@ -77,6 +90,12 @@ class IMLNet(nn.Module):
             makes the gallery descriptor invariant to them; it costs one pass per rotation over
             the gallery (built once), nothing per query, and does not change training. 1: the
             paper's single pass.
+        frozen_precision: what the frozen units compute in. ``"fp32"``; ``"bf16"`` (bfloat16
+            autocast, the maps handed on in float32); ``"auto"``: bf16 where the device has it
+            natively (a CPU with AMX tiles, a CUDA GPU with bf16), else fp32 (a CPU without
+            native bf16 emulates it, tens of times slower). Frozen units take no gradients, so
+            their rounding never reaches an update; on the demo's CPU the frozen prefix runs
+            2-4x faster (docs/benchmarks.md). Export to ONNX always traces fp32.
     """
 
     def __init__(
@@ -98,6 +117,7 @@ class IMLNet(nn.Module):
         last_stages: Literal["dilated", "dropped"] = "dilated",
         freeze_units: int = 0,
         satellite_rotations: int = 1,
+        frozen_precision: Literal["fp32", "bf16", "auto"] = "fp32",
     ) -> None:
         super().__init__()
         if int(num_classes) < 1:
@@ -118,6 +138,10 @@ class IMLNet(nn.Module):
             raise ValueError(f"freeze_units must be in 0..4, got {freeze_units}")
         if int(satellite_rotations) not in (1, 2, 4):
             raise ValueError(f"satellite_rotations must be 1, 2 or 4, got {satellite_rotations}")
+        if frozen_precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(
+                f"frozen_precision must be 'fp32', 'bf16' or 'auto', got {frozen_precision!r}"
+            )
         self._config: dict[str, Any] = {
             "num_classes": int(num_classes),
             "backbone": backbone,
@@ -136,6 +160,7 @@ class IMLNet(nn.Module):
             "last_stages": last_stages,
             "freeze_units": int(freeze_units),
             "satellite_rotations": int(satellite_rotations),
+            "frozen_precision": frozen_precision,
         }
         #: how the model was trained (e.g. ``image_size``), saved with it; see save_pretrained
         self.meta: dict[str, Any] = {}
@@ -168,6 +193,8 @@ class IMLNet(nn.Module):
         self.heads = build_heads(info, muml_channels, num_classes, muml_head) if muml else None
         self.freeze_units = int(freeze_units)
         self.satellite_rotations = int(satellite_rotations)
+        #: ``frozen_precision`` (may be changed on a built model, e.g. to trace fp32)
+        self.frozen_precision = frozen_precision
         for module in self._frozen_modules():
             module.requires_grad_(False)
 
@@ -248,7 +275,7 @@ class IMLNet(nn.Module):
                 resumes after them. The same output as from the images.
         """
         start = self.freeze_units if prefix is not None else 0
-        units = self._encoder(domain).forward_units(x, start=start, cached=prefix)
+        units = self._units(x, domain, start=start, cached=prefix)
         descriptor, embedding = self.descriptor_head(units.maps[3])
         logits = self.classifier(self.dropout(embedding))
         unit_maps: tuple[torch.Tensor, ...] = ()
@@ -270,10 +297,9 @@ class IMLNet(nn.Module):
         Satellite images with ``satellite_rotations > 1``: the sum of the descriptors of the
         image at each turn, back on the sphere of radius r (square images only).
         """
-        encoder = self._encoder(domain)
         turns = self.satellite_rotations if domain == "satellite" else 1
         if turns == 1:
-            return self.descriptor_head(encoder.forward_features(x))[0]
+            return self.descriptor_head(self._units(x, domain).maps[3])[0]
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(
                 f"satellite_rotations {turns} needs square satellite images, got "
@@ -281,7 +307,7 @@ class IMLNet(nn.Module):
             )
         step = 4 // turns
         total = sum(
-            self.descriptor_head(encoder.forward_features(torch.rot90(x, k * step, (-2, -1))))[0]
+            self.descriptor_head(self._units(torch.rot90(x, k * step, (-2, -1)), domain).maps[3])[0]
             for k in range(turns)
         )
         return to_sphere(total, self.radius)
@@ -295,11 +321,39 @@ class IMLNet(nn.Module):
         """
         if not self.freeze_units:
             raise RuntimeError("frozen_prefix needs frozen units: build with freeze_units >= 1")
-        return self._encoder(domain).forward_units(x, stop=self.freeze_units)
+        return self._units(x, domain, stop=self.freeze_units)
 
     def forward_units(self, x: torch.Tensor, domain: Domain = "drone") -> UnitFeatures:
         """The encoder's four unit maps of ``(B, 3, H, W)`` images (for figures and analysis)."""
-        return self._encoder(domain).forward_units(x)
+        return self._units(x, domain)
+
+    def frozen_bf16(self, device: torch.device | str) -> bool:
+        """Whether the frozen units compute in bfloat16 on ``device`` (``frozen_precision``)."""
+        if not self.freeze_units or self.frozen_precision == "fp32":
+            return False
+        return self.frozen_precision == "bf16" or native_bf16(device)
+
+    def _units(
+        self,
+        x: torch.Tensor | None,
+        domain: Domain,
+        start: int = 0,
+        cached: UnitFeatures | None = None,
+        stop: int = 4,
+    ) -> UnitFeatures:
+        """The encoder's units ``start`` .. ``stop`` (see ``forward_units`` of the backbones), the
+        frozen ones under bfloat16 autocast where :meth:`frozen_bf16` says so."""
+        encoder = self._encoder(domain)
+        k = min(self.freeze_units, stop)
+        device = (x if x is not None else cached.maps[0]).device  # type: ignore[union-attr]
+        if start >= k or not self.frozen_bf16(device):
+            return encoder.forward_units(x, start=start, cached=cached, stop=stop)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            prefix = encoder.forward_units(x, start=start, cached=cached, stop=k)
+        prefix = prefix.to(torch.float32)
+        if stop <= k:
+            return prefix
+        return encoder.forward_units(None, start=k, cached=prefix, stop=stop)
 
     # ----------------------------------------------------------------- MUML
     @torch.no_grad()
