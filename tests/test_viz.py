@@ -130,3 +130,26 @@ def test_nearest_turns_picks_each_targets_turn():
     got = nearest_turns(targets, recons)
     for i, k in enumerate((0, 3, 2)):
         assert torch.equal(got[i], torch.rot90(targets[i], k, (1, 2)))
+
+
+def test_attention_boxes_are_drawn_inside_the_image_with_all_four_sides():
+    # a box over the whole image (what a flat map gives) and a small one: both rectangles lie
+    # within the image's pixels, so none of their sides falls on the page around it
+    from matplotlib.patches import Rectangle
+
+    from imlnet.viz import attention_figure
+
+    image = torch.zeros(3, 16, 20)
+    maps = [torch.rand(16, 20), torch.rand(16, 20)]
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 16.0], [4.0, 2.0, 10.0, 8.0]])
+    fig = attention_figure(image, maps, boxes, ["whole", "small"], normalized=False)
+    rects = [[p for p in ax.patches if isinstance(p, Rectangle)] for ax in fig.axes[1:]]
+    assert [len(r) for r in rects] == [1, 1]
+    whole, small = rects[0][0], rects[1][0]
+    x, y = whole.get_xy()
+    assert (x, y) == (0.0, 0.0) and x + whole.get_width() == 19.0
+    assert y + whole.get_height() == 15.0  # pixel centres 0..19 x 0..15: inside the image
+    assert small.get_xy() == (3.5, 1.5) and small.get_width() == 6.0  # pixel edges, unchanged
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

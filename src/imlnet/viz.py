@@ -100,8 +100,11 @@ def attention_figure(
         title: the title of the input image.
     """
     plt = pyplot()
+    from matplotlib import patheffects
     from matplotlib.patches import Rectangle
 
+    outline = [patheffects.Stroke(linewidth=3.5, foreground="black"), patheffects.Normal()]
+    height, width = int(image.shape[-2]), int(image.shape[-1])
     n = len(maps) + 1
     fig, axes = plt.subplots(1, n, figsize=(2.3 * n, 2.6), squeeze=False)
     rgb = to_numpy_image(image, normalized)
@@ -111,10 +114,16 @@ def attention_figure(
         ax = axes[0, k]
         ax.imshow(rgb)
         ax.imshow(m.detach().float().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        x1, y1, x2, y2 = (float(v) for v in box)  # pixel edges; imshow puts pixel centres on
-        ax.add_patch(  # integers, so the edge of pixel 0 is at -0.5
-            Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, lw=2, ec="white")
-        )
+        # pixel edges; imshow puts pixel centres on integers, so the edge of pixel 0 is at
+        # -0.5. A box reaching the image's border is drawn half a pixel inside it, so that all
+        # four sides show (on the border a white side vanishes into the page); the black
+        # outline keeps it visible on light ground.
+        x1, y1, x2, y2 = (float(v) for v in box)
+        x1, y1 = max(x1 - 0.5, 0.0), max(y1 - 0.5, 0.0)
+        x2, y2 = min(x2 - 0.5, width - 1.0), min(y2 - 0.5, height - 1.0)
+        rect = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec="white")
+        rect.set_path_effects(outline)
+        ax.add_patch(rect)
         ax.set_title(name, fontsize=8)
     for ax in axes[0]:
         ax.set_axis_off()
