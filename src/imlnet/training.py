@@ -92,7 +92,9 @@ class IMLNetModule(L.LightningModule):
         eval_protocol: ``"official"`` University-1652 protocol or ``"sample4geo"``.
         monitor: the metric that picks the exported model.
         export_dir: where the best model is saved as safetensors (default: ``<log dir>/export``).
-        channels_last: NHWC memory format (faster convolutions with AMP on GPUs).
+        channels_last: NHWC memory format for the model, the batches and the cached prefixes
+            (faster convolutions with AMP on GPUs, and with oneDNN on CPUs: a 1.3x step for
+            the demo's model in fp32, docs/benchmarks.md).
         cache_frozen: compute the frozen units' features (``IMLNet(freeze_units=k)``) of every
             training image once, before the first step, and resume the encoder after them
             (:class:`~imlnet.models.cache.PrefixCache`). Needs ``data.augment: false``: the

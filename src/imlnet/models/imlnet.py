@@ -94,8 +94,9 @@ class IMLNet(nn.Module):
             autocast, the maps handed on in float32); ``"auto"``: bf16 where the device has it
             natively (a CPU with AMX tiles, a CUDA GPU with bf16), else fp32 (a CPU without
             native bf16 emulates it, tens of times slower). Frozen units take no gradients, so
-            their rounding never reaches an update; on the demo's CPU the frozen prefix runs
-            2-4x faster (docs/benchmarks.md). Export to ONNX always traces fp32.
+            their rounding never reaches an update; on the demo's AMX CPU the frozen prefix
+            runs 3x faster, 5x with channels-last (docs/benchmarks.md, "CPU precision and
+            memory format"). Export to ONNX always traces fp32.
     """
 
     def __init__(
