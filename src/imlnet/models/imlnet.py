@@ -300,7 +300,7 @@ class IMLNet(nn.Module):
         """
         turns = self.satellite_rotations if domain == "satellite" else 1
         if turns == 1:
-            return self.descriptor_head(self._units(x, domain).maps[3])[0]
+            return self.descriptor_head(self._features(x, domain))[0]
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(
                 f"satellite_rotations {turns} needs square satellite images, got "
@@ -308,7 +308,7 @@ class IMLNet(nn.Module):
             )
         step = 4 // turns
         total = sum(
-            self.descriptor_head(self._units(torch.rot90(x, k * step, (-2, -1)), domain).maps[3])[0]
+            self.descriptor_head(self._features(torch.rot90(x, k * step, (-2, -1)), domain))[0]
             for k in range(turns)
         )
         return to_sphere(total, self.radius)
@@ -333,6 +333,14 @@ class IMLNet(nn.Module):
         if not self.freeze_units or self.frozen_precision == "fp32":
             return False
         return self.frozen_precision == "bf16" or native_bf16(device)
+
+    def _features(self, x: torch.Tensor, domain: Domain) -> torch.Tensor:
+        """U4 of ``(B, 3, H, W)`` images. In fp32 the encoder's own ``forward_features``, which
+        frees each unit's map once the next is computed (a gallery batch's U1 is the largest);
+        with bf16 frozen units through :meth:`_units`."""
+        if not self.frozen_bf16(x.device):
+            return self._encoder(domain).forward_features(x)
+        return self._units(x, domain).maps[3]
 
     def _units(
         self,
