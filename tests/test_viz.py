@@ -153,3 +153,29 @@ def test_attention_boxes_are_drawn_inside_the_image_with_all_four_sides():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+@pytest.mark.parametrize("given, saved", [(48, None), (None, 64)])
+def test_demo_figures_feed_the_model_images_of_its_training_size(
+    synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given, saved
+) -> None:
+    """The demo's reconstruction and attention figures: images at the size the model trained
+    at (the size given, else the saved one), not a fixed default; an in-memory model has no
+    saved size."""
+    from imlnet import report, viz
+
+    torch.manual_seed(0)
+    model = IMLNet(num_classes=4, backbone="resnet18", muml_channels=16, descriptor_dim=32)
+    model.eval()
+    if saved:
+        model.meta["image_size"] = saved
+    sizes: list[int] = []
+    forward = model.forward
+    monkeypatch.setattr(
+        model, "forward", lambda x, *a, **k: sizes.append(x.shape[-1]) or forward(x, *a, **k)
+    )
+    monkeypatch.setattr(viz, "retrieval_figure", lambda *a, **k: viz.pyplot().figure())
+    views = {"query_drone": None, "gallery_satellite": None}  # for the (stubbed) retrieval figure
+    figs = report.demo_figures(tmp_path, synth, model, views, image_size=given)
+    assert {"reconstruction", "attention_drone", "attention_satellite"} <= set(figs)
+    assert sizes and set(sizes) == {given or saved}

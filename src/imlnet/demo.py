@@ -185,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t = time.perf_counter()
     _log("5/5 writing the report")
-    figures = report.demo_figures(out, data, model, evaluation["views"], seed=args.seed)
+    figures = report.demo_figures(
+        out, data, model, evaluation["views"], image_size=args.image_size, seed=args.seed
+    )
     timings["report_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
     metrics = {

@@ -44,14 +44,25 @@ def _training_batch(data: Path, image_size: int, n: int = 4) -> dict[str, torch.
 
 
 def demo_figures(
-    out: Path, data: Path, model: Any, views: Mapping[str, Any], *, seed: int = 0
+    out: Path,
+    data: Path,
+    model: Any,
+    views: Mapping[str, Any],
+    *,
+    image_size: int | None = None,
+    seed: int = 0,
 ) -> dict[str, str]:
-    """Draw the demo's model figures into ``out/figures``; return key -> path relative to out."""
+    """Draw the demo's model figures into ``out/figures``; return key -> path relative to out.
+
+    ``image_size`` is the side the model was trained at (None: the model's saved
+    ``meta["image_size"]``); the reconstruction and attention figures feed it images of that
+    size (at another size the IRN decodes a map of a size it never saw).
+    """
     from imlnet import viz
 
     figs: dict[str, str] = {}
     fig_dir = out / "figures"
-    size = int(model.meta.get("image_size", 64)) if getattr(model, "meta", None) else 64
+    size = image_size or model.input_size()
     batch = _training_batch(data, size)
 
     def save(key: str, fig) -> None:
