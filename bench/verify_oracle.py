@@ -14,6 +14,7 @@ attitude (the truth file as a perfect IMU). Prints a Markdown table and writes a
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ from imlnet.geo.verify import Verifier, VerifyConfig
 from imlnet.io import write_json
 
 
+def _seasons(world: Path) -> dict[str, str]:
+    """Image (as truth.csv names it) -> season, from the world's metadata.json."""
+    meta = json.loads((world / "metadata.json").read_text())
+    out = {v["file"]: v["season"] for v in meta.get("views", [])}
+    for flight in meta.get("flights", []):
+        out.update({frame["file"]: flight["season"] for frame in flight.get("frames", [])})
+    return out
+
+
 def run(world: Path, tiles: Path, images: str, fov_deg: float, attitude: bool) -> dict[str, Any]:
     """Verify every image under ``world/images`` against its nearest tile."""
     truth = {r["image"]: r for r in read_csv(world / "truth.csv", ("image", "lat", "lon"))}
@@ -37,7 +47,9 @@ def run(world: Path, tiles: Path, images: str, fov_deg: float, attitude: bool) -
     lat = np.array([float(r["lat"]) for r in rows])
     lon = np.array([float(r["lon"]) for r in rows])
     verifier = Verifier(VerifyConfig(k=1, fov_deg=fov_deg))
-    aim_err, cam_err, seconds = [], [], []
+    aim_err, cam_err, seconds, wrong = [], [], [], 0
+    by_season: dict[str, list[int]] = {}  # season -> [verified, images]
+    season = _seasons(world)
     names = sorted(k for k in truth if k.startswith(images.rstrip("/") + "/"))
     for name in names:
         t = truth[name]
@@ -48,6 +60,10 @@ def run(world: Path, tiles: Path, images: str, fov_deg: float, attitude: bool) -
         res = verifier.verify(world / name, [hit], (tl, tn), attitude=att.get(name))
         seconds.append(time.perf_counter() - start)
         aim_err.append(geodesic_m(res.lat, res.lon, tl, tn) if res.verified else None)
+        wrong += aim_err[-1] is not None and aim_err[-1] > 25.0
+        tally = by_season.setdefault(season.get(name, "?"), [0, 0])
+        tally[0] += res.verified
+        tally[1] += 1
         cam = cams.get(name)
         ok = res.verified and cam is not None and res.camera_lat is not None
         cam_err.append(geodesic_m(res.camera_lat, res.camera_lon, *cam[:2]) if ok else None)  # type: ignore[arg-type]
@@ -55,6 +71,8 @@ def run(world: Path, tiles: Path, images: str, fov_deg: float, attitude: bool) -
     return {
         "images": len(names),
         "verified": sum(e is not None for e in aim_err),
+        "verified_wrong_25m": wrong,
+        "verified_by_season": {k: f"{v}/{n}" for k, (v, n) in sorted(by_season.items())},
         "aim": accuracy(aim_err, len(names)),
         "camera": accuracy(cam_err, len(names)),
         "seconds_per_image": float(np.mean(seconds)) if seconds else None,
