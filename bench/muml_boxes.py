@@ -1,0 +1,42 @@
+"""How much of the image MUML's crop boxes keep: a trained model's boxes on training views.
+
+For each unit's CAM and the combined map, the share of boxes that are the whole image and the
+mean box area (share of the image), over the first drone and satellite view of N training
+places, at the model's size and at half of it.
+
+    python bench/muml_boxes.py runs/demo/model runs/demo/data [N]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from imlnet.inference import load_model
+from imlnet.models.muml import CROP_NAMES
+from imlnet.report import _training_batch
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model = load_model(sys.argv[1], device="cpu").model
+    data, n = Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 64
+    size = model.input_size()
+    for side in (size, size // 2):
+        batch = _training_batch(data, side, n)
+        for domain in ("drone", "satellite"):
+            with torch.no_grad():
+                _, boxes = model.attention(batch[domain], batch["label"], domain)  # (5, B, 4)
+            area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) / side**2
+            full = (area > 0.999).float().mean(1)
+            cells = ", ".join(
+                f"{name} {100 * f:.0f} % whole ({100 * a:.0f} % area)"
+                for name, f, a in zip(CROP_NAMES, full.tolist(), area.mean(1).tolist(), strict=True)
+            )
+            print(f"{side} px, {domain}, {len(batch['label'])} places: {cells}")
+
+
+if __name__ == "__main__":
+    main()
