@@ -38,6 +38,8 @@ from imlnet.geo.tables import read_csv
 from imlnet.geo.verify import Verifier, VerifyConfig
 from imlnet.inference import read_image
 
+FIT = {"method": cv2.RANSAC, "maxIters": 5000, "confidence": 0.999}
+
 
 @dataclass
 class DenseFeatures:
@@ -209,14 +211,8 @@ def main() -> None:
                 if len(src) < 4:
                     continue
                 cv2.setRNGSeed(0)
-                A, mask = cv2.estimateAffinePartial2D(
-                    src,
-                    dst,
-                    method=cv2.RANSAC,
-                    ransacReprojThreshold=thr,
-                    maxIters=5000,
-                    confidence=0.999,
-                )
+                # the verifier's similarity fit (RANSAC, 5000 iterations, confidence 0.999)
+                A, mask = cv2.estimateAffinePartial2D(src, dst, ransacReprojThreshold=thr, **FIT)
                 if A is None:
                     continue
                 n = int(mask.sum())
