@@ -2,7 +2,8 @@
 
 For each unit's CAM and the combined map, the share of boxes that are the whole image and the
 mean box area (share of the image), over the first drone and satellite view of N training
-places, at the model's size and at half of it.
+places, at the model's size and at half of it; then, over all five maps of the drone views at
+the model's size, the share of pixels above each threshold theta and the boxes it would give.
 
     python bench/muml_boxes.py runs/demo/model runs/demo/data [N]
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from imlnet.inference import load_model
-from imlnet.models.muml import CROP_NAMES
+from imlnet.models.muml import CROP_NAMES, mask_boxes
 from imlnet.report import _training_batch
 
 
@@ -36,6 +37,18 @@ def main() -> None:
                 for name, f, a in zip(CROP_NAMES, full.tolist(), area.mean(1).tolist(), strict=True)
             )
             print(f"{side} px, {domain}, {len(batch['label'])} places: {cells}")
+    batch = _training_batch(data, size, n)
+    with torch.no_grad():
+        maps, _ = model.attention(batch["drone"], batch["label"], "drone")
+    maps = maps.reshape(-1, size, size)
+    for theta in (0.5, 0.7, 0.8, 0.9):
+        boxes = mask_boxes(maps, theta, model.crop_padding)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size**2
+        print(
+            f"theta {theta}: {100 * float((maps > theta).float().mean()):.0f} % of pixels above, "
+            f"boxes {100 * float(area.mean()):.0f} % of the image, "
+            f"{100 * float((area > 0.999).float().mean()):.0f} % whole"
+        )
 
 
 if __name__ == "__main__":
