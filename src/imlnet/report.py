@@ -55,8 +55,8 @@ def demo_figures(
     """Draw the demo's model figures into ``out/figures``; return key -> path relative to out.
 
     ``image_size`` is the side the model was trained at (None: the model's saved
-    ``meta["image_size"]``, else 256); the reconstruction and attention figures feed it images of that
-    size (at another size the IRN decodes a map of a size it never saw).
+    ``meta["image_size"]``, else 256); the reconstruction and attention figures feed it images
+    of that size (at another size the IRN decodes a map of a size it never saw).
     """
     from imlnet import viz
 
