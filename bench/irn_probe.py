@@ -19,10 +19,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from imlnet.data.layout import list_images, list_subfolders
 from imlnet.data.transforms import denormalize
 from imlnet.inference import load_model, read_image
 from imlnet.losses.reconstruction import reconstruction_loss
 from imlnet.models.irn import IRNDecoder
+from imlnet.models.units import UnitFeatures
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -34,14 +36,14 @@ loaded = load_model(model_dir, device="cpu")
 m = loaded.model.eval()
 
 
-def pairs(split, per_class):
-    d, s = [], []
-    for folder in sorted((data / split / "drone").iterdir())[:]:
-        sat = sorted((data / split / "satellite" / folder.name).iterdir())[0]
-        for f in sorted(folder.iterdir())[:per_class]:
-            d.append(f)
-            s.append(sat)
-    return d, s
+def pairs(drone_root: Path, satellite_root: Path, per_place: int):
+    """The first ``per_place`` drone views of every place, each with its satellite image."""
+    drone, satellite = [], []
+    for place in list_subfolders(drone_root):
+        views = list_images(drone_root / place)[:per_place]
+        drone += views
+        satellite += [list_images(satellite_root / place)[0]] * len(views)
+    return drone, satellite
 
 
 @torch.no_grad()
@@ -59,30 +61,16 @@ def imgs(paths):
 
 
 t = time.perf_counter()
-trd, trs = pairs("train", 2)
-
-
-def test_pairs():
-    d, s = [], []
-    for folder in sorted((data / "test" / "query_drone").iterdir()):
-        sat = sorted((data / "test" / "gallery_satellite" / folder.name).iterdir())[0]
-        f = sorted(folder.iterdir())[0]
-        d.append(f)
-        s.append(sat)
-    return d, s
-
-
-ted, tes = test_pairs()
+trd, trs = pairs(data / "train" / "drone", data / "train" / "satellite", 2)
+ted, tes = pairs(data / "test" / "query_drone", data / "test" / "gallery_satellite", 1)
 Ftr, Fte = maps(trd), maps(ted)
 Str, Ste = imgs(trs), imgs(tes)
 print(f"features {Ftr.shape} {Fte.shape} in {time.perf_counter() - t:.0f}s", flush=True)
 
 
-class U:
-    def __init__(self, x):
-        self.maps = (None, None, None, x)
-        self.pool_indices = None
-        self.pre_pool_size = None
+def U(u4: torch.Tensor) -> UnitFeatures:
+    """What the decoder reads of the units: U4 (Lite0 keeps no pooling indices)."""
+    return UnitFeatures((None, None, None, u4), None, None)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
