@@ -228,15 +228,15 @@ def main() -> None:
             err = geodesic_m(ll[1], ll[0], tl, tn)
         sres = ver.verify(world / name, [hit], (tl, tn), attitude=a if mode == "att" else None)
         serr = geodesic_m(sres.lat, sres.lon, tl, tn) if sres.verified else None
-        sea, wea = cond.get(name, cond.get(name.split("/")[-1], ("?", "?")))
+        sea, wea = cond[name]
         res.append((name, sea, wea, n, err, sres.verified, serr, dt))
         e = f"{err:.1f}" if err is not None else "-"
         se = f"{serr:.1f}" if serr is not None else "-"
         print(f"{name} {sea}/{wea} dense {n}/{m} err {e} | sift {se} | {dt:.2f}s", flush=True)
-    for thr in (8, 12, 16, 20, 25, 30):
-        ok = sum(1 for r in res if r[3] >= thr and r[4] is not None and r[4] < 25)
-        bad = sum(1 for r in res if r[3] >= thr and (r[4] is None or r[4] >= 25))
-        print(f"min inliers {thr}: dense right {ok} wrong {bad} / {len(res)}")
+    for need in (8, 12, 16, 20, 25, 30):
+        ok = sum(1 for r in res if r[3] >= need and r[4] is not None and r[4] < 25)
+        bad = sum(1 for r in res if r[3] >= need and (r[4] is None or r[4] >= 25))
+        print(f"min inliers {need}: dense right {ok} wrong {bad} / {len(res)}")
     print(
         "sift verified:",
         sum(r[5] for r in res),
