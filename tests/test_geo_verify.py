@@ -174,6 +174,26 @@ def test_no_match_falls_back_and_says_so(world: SimpleNamespace) -> None:
     assert res.note.startswith("fallback to retrieval") and res.camera_lat is None
 
 
+@pytest.mark.parametrize("with_attitude", [False, True], ids=["as-is", "attitude"])
+def test_a_view_of_another_city_does_not_verify(
+    world: SimpleNamespace, with_attitude: bool
+) -> None:
+    """A look-alike of the same generator (another seed: streets, blocks, roofs of the same
+    palette) must not verify against this map at the default ``min_inliers``: what chance gives
+    stays below it, while a view of this map passes (test above)."""
+    other = CityGenerator(SceneConfig(extent_m=EXTENT, resolution_m=GSD), "cpu")(
+        torch.Generator().manual_seed(7)
+    )
+    elsewhere = SimpleNamespace(root=world.root, scene=other, top=R.albedo(other, "summer"))
+    camera = R.Camera((-60.0, -20.0, 90.0), 0.0, 65.0, 55.0)
+    image = render(elsewhere, camera).rename(world.root / "elsewhere.png")
+    att = Attitude(camera.pitch_deg, 0.0, camera.yaw_deg, camera.position[2], 55.0)
+    verifier = Verifier(VerifyConfig(fov_deg=55.0))
+    res = verifier.verify(image, [world.hit], (47.1, 8.2), attitude=att if with_attitude else None)
+    assert not res.verified, res.note
+    assert res.inliers < VerifyConfig.min_inliers, res.inliers
+
+
 def test_missing_window_columns_and_raster_are_clear_errors(world: SimpleNamespace) -> None:
     verifier = Verifier()
     with pytest.raises(GeoError, match=r"col_off.*rebuild the gallery"):

@@ -226,7 +226,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--min-inliers", type=int, default=VerifyConfig.min_inliers,
-        help="matches that must agree for a tile to verify (default 12)",
+        help=f"matches that must agree for a tile to verify (default {VerifyConfig.min_inliers})",
     )  # fmt: skip
     g.add_argument("--fov-deg", type=float, help="camera's horizontal field of view (default 60)")
     g.add_argument(

@@ -38,7 +38,7 @@ from imlnet.errors import GeoError
 from imlnet.geo.coords import geodesic_m
 from imlnet.geo.pose import Attitude, Tangent
 from imlnet.geo.track import FrameFix, LatLonHypothesis, TrackConfig, track_latlon
-from imlnet.geo.verify import Verification, Verifier
+from imlnet.geo.verify import Verification, Verifier, VerifyConfig
 
 #: Cost (nats) of a retrieved tile centre as a track hypothesis (a verified match costs < 0.7).
 RETRIEVAL_COST = 2.5
@@ -210,7 +210,7 @@ def refine(
     if sequence:
         for flight in dict.fromkeys(f.flight for f in fixes):
             members = sorted((f for f in fixes if f.flight == flight), key=lambda f: f.image)
-            need = verifier.cfg.min_inliers if verifier is not None else 12
+            need = (verifier.cfg if verifier is not None else VerifyConfig).min_inliers
             hyps = [
                 _hypotheses(f, r, need)
                 for f, r in zip(members, _results_of(members, results), strict=True)
