@@ -30,6 +30,7 @@ import numpy as np
 
 from imlnet.geo.coords import LocalFrame
 from imlnet.geo.localize import estimate_position
+from imlnet.geo.refine import accuracy
 from imlnet.geo.tables import read_csv
 from imlnet.io import write_json
 
@@ -41,13 +42,6 @@ def vote(x: np.ndarray, y: np.ndarray, s: np.ndarray, temp: float, r: float, ker
     near = (d <= r).astype(float) if kernel == "box" else np.exp(-0.5 * (d / r) ** 2)
     keep = d[int((near @ w).argmax())] <= r
     return (w[keep] @ x[keep]) / w[keep].sum(), (w[keep] @ y[keep]) / w[keep].sum()
-
-
-def scores(errors: list[float]) -> dict[str, float]:
-    e = np.asarray(errors)
-    out = {"median_m": round(float(np.median(e)), 1)}
-    out.update({f"MA@{k}m": round(float(np.mean(e <= k)) * 100, 1) for k in (25, 50, 100)})
-    return out
 
 
 def main() -> None:
@@ -90,7 +84,7 @@ def main() -> None:
             rules[f"vote K={k} T={temp:g} r={r:g} {kern}"].append(
                 float(np.hypot(vx - tx, vy - ty)[0])
             )
-    table = {name: scores(errs) for name, errs in rules.items()}
+    table = {name: accuracy(errs, len(errs)) for name, errs in rules.items()}
     n = len(views)
     within = {f"top-{k}": round(100 * c / n, 1) for k, c in ceiling.items()}
     print(f"{n} views of {args.run}; a tile within 50 m among the top K: {within}")
@@ -101,7 +95,8 @@ def main() -> None:
     )
     for name in [*fixed, *best[:5], *best[-2:]]:
         t = table[name]
-        print(f"| {name} | {t['median_m']} | {t['MA@25m']} | {t['MA@50m']} | {t['MA@100m']} |")
+        shares = " | ".join(f"{100 * t[f'MA@{k}m']:.1f}" for k in (25, 50, 100))
+        print(f"| {name} | {t['median_m']:.1f} | {shares} |")
     if args.out:
         write_json(args.out, {"run": str(args.run), "views": n, "tile_within_50m": within,
                               "rules": table})  # fmt: skip
